@@ -1,0 +1,107 @@
+"""Flat-minimum optimizers: NSO, SAM, ASAM, RWP on top of any ``torch.optim`` base optimizer.
+
+All of them take ``step(closure)`` with an LBFGS-style closure (zero the gradients, compute the
+loss on the current batch, ``backward()``, return the loss)::
+
+    optimizer = NSO(model.parameters(), sigma=0.01, num_perturbs=1, lr=0.1, momentum=0.9,
+                    model=model)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    loss = optimizer.step(closure)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from flatlab.optim._perturb import NOISE_TYPES, PerturbationOptimizer
+from flatlab.optim.nso import NSO
+from flatlab.optim.rwp import RWP
+from flatlab.optim.sam import ASAM, SAM
+
+__all__ = [
+    "ASAM", "BASE_OPTIMIZERS", "NOISE_TYPES", "NSO", "OPTIMIZERS", "RWP", "SAM",
+    "PerturbationOptimizer", "build_optimizer", "gradient_evaluations_per_step",
+]
+
+OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "rwp", "nso")
+BASE_OPTIMIZERS: dict[str, type[Optimizer]] = {
+    "sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW,
+}
+_METHODS: dict[str, type[PerturbationOptimizer]] = {
+    "sam": SAM, "asam": ASAM, "rwp": RWP, "nso": NSO,
+}
+_METHOD_ARGS: dict[str, tuple[str, ...]] = {
+    "sgd": (),
+    "sam": ("rho",),
+    "asam": ("rho",),
+    "rwp": ("sigma", "num_perturbs", "noise", "clean_weight"),
+    "nso": ("sigma", "num_perturbs", "noise", "clean_weight"),
+}
+
+
+def build_optimizer(
+    name: str,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    *,
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    sigma: float | None = None,
+    num_perturbs: int | None = None,
+    rho: float | None = None,
+    noise: str | None = None,
+    clean_weight: float | None = None,
+    seed: int = 0,
+    base: str = "sgd",
+    model: nn.Module | None = None,
+    independent_noise: bool = False,
+) -> Optimizer:
+    """Build an optimizer by name (one of :data:`OPTIMIZERS`) on base ``base``.
+
+    ``"sgd"`` is the base optimizer alone (plain ``torch.optim.SGD`` by default); the others
+    wrap it. Method arguments left ``None`` take the method's default; giving one that the
+    method does not use (``sigma`` for SAM, ``rho`` for NSO) is an error. ``momentum`` applies
+    to the SGD base only (Adam/AdamW keep their betas). ``seed`` seeds the noise generator of
+    NSO/RWP; ``model`` and ``independent_noise`` are passed on (see :class:`NSO`).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+    if base not in BASE_OPTIMIZERS:
+        raise ValueError(
+            f"unknown base optimizer {base!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
+    given = {"sigma": sigma, "num_perturbs": num_perturbs, "rho": rho, "noise": noise,
+             "clean_weight": clean_weight}
+    given = {key: value for key, value in given.items() if value is not None}
+    unused = sorted(set(given) - set(_METHOD_ARGS[name]))
+    if unused:
+        takes = ", ".join(_METHOD_ARGS[name]) or "no method arguments"
+        raise ValueError(f"{', '.join(unused)} does not apply to optimizer {name!r} "
+                         f"(it takes: {takes})")
+    base_cls = BASE_OPTIMIZERS[base]
+    base_kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    if base == "sgd":
+        base_kwargs["momentum"] = momentum
+    if name == "sgd":
+        return base_cls(params, **base_kwargs)
+    if name in ("nso", "rwp"):
+        given.update(seed=seed, independent_noise=independent_noise)
+    return _METHODS[name](params, base_cls, model=model, **given, **base_kwargs)
+
+
+def gradient_evaluations_per_step(optimizer: Optimizer) -> int:
+    """Forward/backward passes per ``step()``: SGD (any plain optimizer) 1, SAM/ASAM 2,
+    NSO ``2k`` (``k`` one-sided) + 1 with a clean pass, RWP ``k + 1``."""
+    if isinstance(optimizer, PerturbationOptimizer):
+        return optimizer.gradient_evaluations
+    return 1

@@ -1,0 +1,263 @@
+"""Shared mechanics of the perturbation optimizers (NSO, SAM, ASAM, RWP).
+
+Every method here evaluates the gradient of the *same* minibatch at a few points near the
+current weights ``W`` and hands a weighted sum of those gradients to an ordinary base optimizer
+(SGD, Adam, ...). Only *where* the points lie and *how* the gradients are weighted differ
+between methods; everything else lives once in :class:`PerturbationOptimizer`:
+
+* the base optimizer is built on the very same ``param_groups`` dicts, so learning-rate
+  schedulers, ``zero_grad()`` and per-group hyperparameters act on both at once;
+* ``W`` is saved into a copy before the first move and every move starts from that copy
+  (``p = W + delta``); the exact ``W`` is restored by ``copy_``, never by subtraction;
+* one closure call per pass (LBFGS convention), its gradient added with a weight to a sum that
+  becomes ``p.grad`` for the base step;
+* noise comes from the optimizer's own ``torch.Generator`` (data order, dropout and the global
+  RNG are untouched); its state travels in ``state_dict()`` as a uint8 tensor;
+* with ``model=`` given: the model's buffers (BatchNorm running statistics) keep the values
+  left by the *first* pass of each step; under ``DistributedDataParallel`` every pass runs in
+  ``no_sync()`` and the summed gradient is averaged over ranks by one all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+Closure = Callable[[], Any]
+NOISE_TYPES = ("absolute", "filter")
+_DEFAULT_SEED_SALT = 0x5EED_F1A7  # keeps the seed=None noise stream apart from torch's own
+
+
+def mix_seed(seed: int, salt: int) -> int:
+    """A 63-bit seed from ``(seed, salt)`` (splitmix64 finaliser): deterministic, well spread."""
+    z = (seed * 0x9E3779B97F4A7C15 + salt + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) >> 1
+
+
+def perturbation_noise(
+    weights: Tensor, sigma: float, noise: str, generator: torch.Generator
+) -> Tensor:
+    r"""One Gaussian draw ``U`` shaped like ``weights``.
+
+    * ``"absolute"``: :math:`U \sim \mathcal N(0, \sigma^2 I)`.
+    * ``"filter"``: for a tensor with two or more dimensions each output filter ``j`` (a slice
+      along dim 0, e.g. one row of a Linear weight or one output channel of a Conv kernel) gets
+      :math:`U_j \sim \mathcal N(0, (\sigma \lVert W_j \rVert_2)^2 I)`; a 0-D/1-D tensor (bias,
+      BatchNorm scale) is one filter: std :math:`\sigma \lVert W \rVert_2` for every element.
+    """
+    draw = torch.randn(weights.shape, generator=generator, device=generator.device,
+                       dtype=weights.dtype).to(weights.device)
+    if noise == "absolute":
+        return draw.mul_(sigma)
+    if weights.dim() < 2:
+        return draw.mul_(sigma * torch.linalg.vector_norm(weights))
+    norms = torch.linalg.vector_norm(weights.flatten(1), dim=1)
+    return draw.mul_(norms.mul_(sigma).view(-1, *([1] * (weights.dim() - 1))))
+
+
+class PerturbationOptimizer(Optimizer):
+    """Base class of flatlab's perturbation optimizers (see the module docstring).
+
+    A subclass sets its hyperparameters, calls ``super().__init__`` and writes ``step`` with::
+
+        with self._perturbation_step():           # save W; at the end restore W, base step
+            loss = self._evaluate(closure, weight)    # one pass at the current point
+            grads = self._pass_gradients()        # that pass's gradient (averaged over ranks)
+            self._move_to(deltas, sign)           # p = W + sign * delta, from the saved copy
+    """
+
+    #: hyperparameters shared by all groups; saved in ``state_dict()["flatlab"]``
+    _global_hyperparameters: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        base_optimizer: type[Optimizer],
+        defaults: dict[str, Any],
+        base_kwargs: dict[str, Any],
+        *,
+        model: nn.Module | None = None,
+        uses_noise: bool = False,
+        generator: torch.Generator | None = None,
+        seed: int | None = None,
+        independent_noise: bool = False,
+    ) -> None:
+        super().__init__(params, defaults)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups  # the same dicts: shared
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+        self.model = model
+        self._ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        self.generator = (
+            self._make_generator(generator, seed, independent_noise) if uses_noise else None
+        )
+        self._saved: list[Tensor] | None = None
+
+    # ----------------------------------------------------------------- construction helpers
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """Validate one parameter group's method hyperparameters (``ValueError``)."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        self._check_group(self.param_groups[-1])
+
+    def _make_generator(
+        self, generator: torch.Generator | None, seed: int | None, independent_noise: bool
+    ) -> torch.Generator:
+        if generator is not None:
+            if seed is not None or independent_noise:
+                raise ValueError("pass either generator= or seed=/independent_noise=, not both")
+            return generator
+        device = self.param_groups[0]["params"][0].device
+        seed = mix_seed(torch.initial_seed(), _DEFAULT_SEED_SALT) if seed is None else seed
+        if independent_noise:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+            seed = mix_seed(seed, rank)
+        return torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def gradient_evaluations(self) -> int:
+        """Forward/backward passes (closure calls) per ``step()``."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _require_closure(closure: Closure | None, name: str) -> Closure:
+        if closure is None:
+            raise ValueError(
+                f"{name}.step() needs a closure that zeroes the gradients, computes the loss on "
+                "the current batch, calls backward() and returns the loss"
+            )
+        return closure
+
+    # ----------------------------------------------------------------- the step machinery
+    def _trainable(self) -> Iterator[tuple[dict[str, Any], Tensor]]:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.requires_grad:
+                    yield group, p
+
+    @contextlib.contextmanager
+    def _perturbation_step(self) -> Iterator[None]:
+        self._params = [p for _, p in self._trainable()]
+        self._saved = [p.detach().clone() for p in self._params]
+        self._grad_sum: list[Tensor | None] = [None] * len(self._params)
+        self._buffers = list(self.model.buffers()) if self.model is not None else []
+        self._buffer_snapshot: list[Tensor] | None = None
+        try:
+            yield
+            torch._foreach_copy_(self._params, self._saved)  # W exactly, also after errors
+            grads = self._average_over_ranks(self._grad_sum) if self._ddp else self._grad_sum
+            for p, g in zip(self._params, grads, strict=True):
+                p.grad = g
+            self.base_optimizer.step()
+        except BaseException:
+            torch._foreach_copy_(self._params, self._saved)
+            raise
+        finally:
+            self._saved = self._grad_sum = self._buffer_snapshot = None
+            self._params, self._buffers = [], []
+
+    def _saved_weights(self) -> list[Tensor]:
+        """``W`` as saved at the start of the step (read-only), aligned with the passes."""
+        assert self._saved is not None
+        return self._saved
+
+    def _move_to(self, deltas: list[Tensor | None], sign: float = 1.0) -> None:
+        """Set every parameter to ``W + sign * delta`` (``None`` delta: ``W``)."""
+        torch._foreach_copy_(self._params, self._saved)
+        moved = [(p, d) for p, d in zip(self._params, deltas, strict=True) if d is not None]
+        if moved:
+            params, deltas = zip(*moved, strict=True)
+            torch._foreach_add_(list(params), list(deltas), alpha=sign)
+
+    def _evaluate(self, closure: Closure, weight: float) -> Any:
+        """Run one pass at the current point and add ``weight * grad`` to the step's sum."""
+        for p in self._params:
+            p.grad = None
+        sync = self.model.no_sync() if self._ddp else contextlib.nullcontext()
+        with sync, torch.enable_grad():
+            loss = closure()
+        if self._buffers:
+            if self._buffer_snapshot is None:
+                self._buffer_snapshot = [b.detach().clone() for b in self._buffers]
+            else:
+                for buffer, value in zip(self._buffers, self._buffer_snapshot, strict=True):
+                    buffer.copy_(value)
+        if weight != 0.0:
+            for i, p in enumerate(self._params):
+                if p.grad is None:
+                    continue
+                if self._grad_sum[i] is None:
+                    self._grad_sum[i] = p.grad.mul(weight)
+                else:
+                    self._grad_sum[i].add_(p.grad, alpha=weight)
+        return loss
+
+    def _pass_gradients(self) -> list[Tensor | None]:
+        """The last pass's gradients (averaged over ranks under DDP), aligned with the params."""
+        grads = [p.grad for p in self._params]
+        return self._average_over_ranks(grads) if self._ddp else grads
+
+    def _average_over_ranks(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """Mean over DDP ranks in one all-reduce; a slot stays ``None`` only if it is on all."""
+        group = self.model.process_group
+        present = torch.tensor([t is not None for t in tensors], dtype=torch.float32,
+                               device=self._params[0].device)
+        flat = torch.cat([
+            *(p.new_zeros(p.numel()) if t is None else t.reshape(-1)
+              for p, t in zip(self._params, tensors, strict=True)),
+            present,
+        ])
+        dist.all_reduce(flat, group=group)
+        flat[: -len(tensors)].div_(dist.get_world_size(group))
+        out: list[Tensor | None] = []
+        offset = 0
+        for p, any_rank in zip(self._params, flat[-len(tensors):].tolist(), strict=True):
+            chunk = flat[offset: offset + p.numel()]
+            offset += p.numel()
+            out.append(chunk.view_as(p).to(p.dtype).clone() if any_rank > 0 else None)
+        return out
+
+    def _draw_noise(self) -> list[Tensor]:
+        """One draw per parameter from the group's ``sigma`` and ``noise`` (around ``W``)."""
+        assert self.generator is not None and self._saved is not None
+        return [
+            perturbation_noise(w, group["sigma"], group["noise"], self.generator)
+            for (group, _), w in zip(self._trainable(), self._saved, strict=True)
+        ]
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Base optimizer state + param groups (all hyperparameters) + ``"flatlab"`` extras:
+        the global hyperparameters and the noise generator state (uint8 tensor)."""
+        state = super().state_dict()
+        extra = {name: getattr(self, name) for name in self._global_hyperparameters}
+        if self.generator is not None:
+            extra["generator_state"] = self.generator.get_state()
+        state["flatlab"] = extra
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        extra = dict(state_dict.pop("flatlab", {}))
+        super().load_state_dict(state_dict)
+        # re-share the new state and groups with the base (its __setstate__ fixes its defaults)
+        self.base_optimizer.__setstate__({"state": self.state, "param_groups": self.param_groups})
+        for group in self.param_groups:
+            for name, value in self.defaults.items():
+                group.setdefault(name, value)
+        generator_state = extra.pop("generator_state", None)
+        if generator_state is not None and self.generator is not None:
+            self.generator.set_state(generator_state.detach().to("cpu", torch.uint8))
+        for name in self._global_hyperparameters:
+            if name in extra:
+                setattr(self, name, type(getattr(self, name))(extra[name]))

@@ -1,0 +1,601 @@
+"""The optimizer semantics, pinned by exact cases (quadratics, hand-computed steps)."""
+
+from __future__ import annotations
+
+import copy
+import io
+import re
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from flatlab.optim import (
+    ASAM,
+    NSO,
+    OPTIMIZERS,
+    RWP,
+    SAM,
+    build_optimizer,
+    gradient_evaluations_per_step,
+)
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+class Quadratic(nn.Module):
+    """f(W) = 1/2 (v - c)^T A (v - c) with v the flattened (matrix, vector) parameters."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.matrix = nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+        self.vector = nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+        m = torch.randn(17, 17, generator=g, dtype=torch.float64)
+        self.register_buffer("A", m @ m.T / 17 + torch.eye(17, dtype=torch.float64))
+        self.register_buffer("c", torch.randn(17, generator=g, dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        d = torch.cat([self.matrix.reshape(-1), self.vector]) - self.c
+        return 0.5 * d @ self.A @ d
+
+    def gradient(self, matrix: torch.Tensor, vector: torch.Tensor) -> list[torch.Tensor]:
+        g = self.A @ (torch.cat([matrix.reshape(-1), vector]) - self.c)
+        return [g[:12].view(3, 4), g[12:]]
+
+
+def quadratic_closure(model: Quadratic, optimizer, calls: list | None = None):
+    def closure():
+        optimizer.zero_grad()
+        loss = model()
+        loss.backward()
+        if calls is not None:
+            calls.append([p.detach().clone() for p in model.parameters()])
+        return loss
+    return closure
+
+
+def mlp(seed: int = 0, batchnorm: bool = False, dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(seed)
+    layers = [nn.Linear(6, 8), nn.BatchNorm1d(8) if batchnorm else nn.Identity(), nn.Tanh(),
+              nn.Linear(8, 3)]
+    return nn.Sequential(*layers).to(dtype)
+
+
+def batch(dtype=torch.float64, n: int = 16):
+    g = torch.Generator().manual_seed(123)
+    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
+
+
+def mlp_closure(model, optimizer, x, y, calls: list | None = None):
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        if calls is not None:
+            calls.append([p.detach().clone() for p in model.parameters()])
+        return loss
+    return closure
+
+
+def params_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+METHODS = {
+    "nso": lambda p, **kw: NSO(p, sigma=0.05, num_perturbs=2, **kw),
+    "nso_one_sided_clean": lambda p, **kw: NSO(p, sigma=0.05, two_sided=False, clean_weight=0.3,
+                                               noise="filter", **kw),
+    "sam": lambda p, **kw: SAM(p, rho=0.05, **kw),
+    "asam": lambda p, **kw: ASAM(p, **kw),
+    "rwp": lambda p, **kw: RWP(p, sigma=0.05, **kw),
+}
+
+# ---------------------------------------------------------------------------------------- NSO
+
+
+@pytest.mark.parametrize("noise", ["absolute", "filter"])
+def test_two_sided_nso_on_quadratic_equals_clean_base_step(noise):
+    model, reference = Quadratic(), Quadratic()
+    nso = NSO(model.parameters(), sigma=0.3, num_perturbs=2, noise=noise, seed=1, lr=0.05,
+              momentum=0.9, weight_decay=1e-3)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    calls: list = []
+    for _ in range(3):
+        nso.step(quadratic_closure(model, nso, calls))
+        sgd.step(quadratic_closure(reference, sgd))
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-13)
+    # and the passes really were perturbed (by far more than the agreement above)
+    assert (calls[0][0] - calls[1][0]).abs().max() > 0.1
+
+
+def test_one_sided_nso_on_quadratic_differs_from_clean_step():
+    model, reference = Quadratic(), Quadratic()
+    nso = NSO(model.parameters(), sigma=0.3, two_sided=False, seed=1, lr=0.05)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.05)
+    nso.step(quadratic_closure(model, nso))
+    sgd.step(quadratic_closure(reference, sgd))
+    assert (model.matrix - reference.matrix).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [({"num_perturbs": 3}, 6), ({"num_perturbs": 3, "two_sided": False}, 3),
+     ({"num_perturbs": 3, "clean_weight": 0.2}, 7),
+     ({"num_perturbs": 2, "two_sided": False, "clean_weight": 0.5}, 3)],
+)
+def test_nso_closure_calls(kwargs, expected):
+    model = Quadratic()
+    nso = NSO(model.parameters(), lr=0.1, **kwargs)
+    calls: list = []
+    nso.step(quadratic_closure(model, nso, calls))
+    assert len(calls) == expected == nso.gradient_evaluations
+    assert gradient_evaluations_per_step(nso) == expected
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "expected"),
+    [(lambda p: SAM(p, lr=0.1), 2), (lambda p: ASAM(p, lr=0.1), 2),
+     (lambda p: RWP(p, lr=0.1), 2), (lambda p: RWP(p, lr=0.1, clean_weight=0.0), 1),
+     (lambda p: RWP(p, lr=0.1, num_perturbs=3), 4)],
+)
+def test_other_methods_closure_calls(optimizer, expected):
+    model = Quadratic()
+    opt = optimizer(model.parameters())
+    calls: list = []
+    opt.step(quadratic_closure(model, opt, calls))
+    assert len(calls) == expected == gradient_evaluations_per_step(opt)
+
+
+def test_plain_optimizer_counts_one_evaluation():
+    assert gradient_evaluations_per_step(torch.optim.SGD(Quadratic().parameters(), lr=0.1)) == 1
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_lr_zero_leaves_weights_bit_identical(method):
+    model = mlp(dtype=torch.float32)
+    before = params_of(model)
+    big = {"nso": {"sigma": 5.0}, "rwp": {"sigma": 5.0}, "nso_one_sided_clean": {"sigma": 5.0},
+           "sam": {"rho": 5.0}, "asam": {"rho": 50.0}}[method]
+    opt = METHODS[method](model.parameters(), lr=0.0, momentum=0.9, weight_decay=0.1)
+    for group in opt.param_groups:
+        group.update(big)
+    x, y = batch(torch.float32)
+    calls: list = []
+    for _ in range(3):
+        opt.step(mlp_closure(model, opt, x, y, calls))
+    assert any((c[0] - before[0]).abs().max() > 0.5 for c in calls)  # the passes moved far
+    for p, q in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, q)
+
+
+def expected_nso_gradient(model, x, y, generator, *, sigma, num_perturbs, two_sided,
+                          clean_weight, noise):
+    """The NSO gradient computed independently: same draws, autograd at each point."""
+    weights = params_of(model)
+
+    def grad_at(point):
+        probe = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, value in zip(probe.parameters(), point, strict=True):
+                p.copy_(value)
+        loss = nn.functional.cross_entropy(probe(x), y)
+        return torch.autograd.grad(loss, list(probe.parameters()))
+
+    total = [torch.zeros_like(w) for w in weights]
+    if clean_weight > 0:
+        total = [t + clean_weight * g for t, g in zip(total, grad_at(weights), strict=True)]
+    signs = (1, -1) if two_sided else (1,)
+    for _ in range(num_perturbs):
+        draws = []
+        for w in weights:
+            u = torch.randn(w.shape, generator=generator, dtype=w.dtype)
+            if noise == "absolute":
+                scale = sigma
+            elif w.dim() >= 2:
+                scale = sigma * w.flatten(1).norm(dim=1).view(-1, *([1] * (w.dim() - 1)))
+            else:
+                scale = sigma * w.norm()
+            draws.append(u * scale)
+        for sign in signs:
+            point = [w + sign * u for w, u in zip(weights, draws, strict=True)]
+            for t, g in zip(total, grad_at(point), strict=True):
+                t += (1 - clean_weight) / (num_perturbs * len(signs)) * g
+    return total
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(num_perturbs=2, two_sided=True, clean_weight=0.0, noise="absolute"),
+     dict(num_perturbs=3, two_sided=False, clean_weight=0.25, noise="filter"),
+     dict(num_perturbs=1, two_sided=True, clean_weight=0.5, noise="filter")],
+)
+def test_nso_step_is_base_step_on_accumulated_gradient(config):
+    model, reference = mlp(), mlp()
+    x, y = batch()
+    nso = NSO(model.parameters(), sigma=0.2, seed=7, lr=0.1, momentum=0.9, **config)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(3):  # later steps: momentum buffers and a moved W are involved too
+        expected = expected_nso_gradient(model, x, y, generator, sigma=0.2, **config)
+        nso.step(mlp_closure(model, nso, x, y))
+        for p, g in zip(reference.parameters(), expected, strict=True):
+            p.grad = g.clone()
+        sgd.step()
+        for p, q, g in zip(model.parameters(), reference.parameters(), expected, strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-14)
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-14)  # grad left = the sum
+
+
+def test_nso_returns_clean_loss_or_mean_of_perturbed_losses():
+    model = Quadratic()
+    nso = NSO(model.parameters(), sigma=0.5, num_perturbs=2, seed=3, lr=0.0)
+    losses: list = []
+
+    def closure():
+        nso.zero_grad()
+        loss = model()
+        loss.backward()
+        losses.append(loss.item())
+        return loss
+
+    clean = model().item()
+    result = nso.step(closure)
+    assert isinstance(result, torch.Tensor) and not result.requires_grad
+    assert result.item() == pytest.approx(sum(losses) / 4, rel=1e-14)
+    assert result.item() != pytest.approx(clean, rel=1e-6)
+    with_clean = NSO(model.parameters(), sigma=0.5, clean_weight=0.1, seed=3, lr=0.0)
+    assert with_clean.step(quadratic_closure(model, with_clean)).item() == clean
+
+
+# ---------------------------------------------------------------------------------------- SAM
+
+
+def test_sam_matches_hand_computed_step():
+    model = Quadratic()
+    w = params_of(model)
+    sam = SAM(model.parameters(), rho=0.1, lr=0.05)
+    loss = sam.step(quadratic_closure(model, sam))
+    g0 = model.gradient(*w)
+    norm = torch.sqrt(sum((g ** 2).sum() for g in g0))
+    eps = [0.1 * g / norm for g in g0]
+    g = model.gradient(*(wi + e for wi, e in zip(w, eps, strict=True)))
+    for p, wi, gi in zip(model.parameters(), w, g, strict=True):
+        torch.testing.assert_close(p, wi - 0.05 * gi, rtol=0, atol=1e-14)
+    assert loss.item() == pytest.approx(Quadratic()().item(), rel=1e-15)
+
+
+def test_asam_matches_hand_computed_step_with_elementwise_weight_scaling():
+    model = Quadratic()
+    w = params_of(model)
+    asam = ASAM(model.parameters(), lr=0.05)
+    assert asam.param_groups[0]["rho"] == 0.5 and asam.param_groups[0]["adaptive"]
+    asam.step(quadratic_closure(model, asam))
+    g0 = model.gradient(*w)
+    norm = torch.sqrt(sum(((wi.abs() * g) ** 2).sum() for wi, g in zip(w, g0, strict=True)))
+    eps = [0.5 * wi.abs() ** 2 * g / norm for wi, g in zip(w, g0, strict=True)]
+    g = model.gradient(*(wi + e for wi, e in zip(w, eps, strict=True)))
+    for p, wi, gi in zip(model.parameters(), w, g, strict=True):
+        torch.testing.assert_close(p, wi - 0.05 * gi, rtol=0, atol=1e-14)
+
+
+def test_sam_perturbation_has_length_rho():
+    model = Quadratic()
+    w = params_of(model)
+    sam = SAM(model.parameters(), rho=0.2, lr=0.0)
+    calls: list = []
+    sam.step(quadratic_closure(model, sam, calls))
+    assert [torch.equal(a, b) for a, b in zip(calls[0], w, strict=True)] == [True, True]
+    length = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(calls[1], w, strict=True)))
+    assert length.item() == pytest.approx(0.2, rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------- state
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("base", [torch.optim.SGD, torch.optim.Adam])
+def test_state_dict_round_trip_gives_identical_next_steps(method, base):
+    x, y = batch()
+    kwargs = {"lr": 0.05, "momentum": 0.9} if base is torch.optim.SGD else {"lr": 0.01}
+    model = mlp()
+    extra = {"seed": 5} if method in ("nso", "rwp", "nso_one_sided_clean") else {}
+    opt = METHODS[method](model.parameters(), base_optimizer=base, **extra, **kwargs)
+    for _ in range(2):
+        opt.step(mlp_closure(model, opt, x, y))
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)  # tensors + plain values only: loads without pickle
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    twin = copy.deepcopy(model)
+    other = {"seed": 99} if extra else {}
+    resumed = METHODS[method](twin.parameters(), base_optimizer=base, **other, **kwargs)
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0] is resumed.base_optimizer.param_groups[0]
+    assert resumed.state is resumed.base_optimizer.state
+    for _ in range(2):
+        opt.step(mlp_closure(model, opt, x, y))
+        resumed.step(mlp_closure(twin, resumed, x, y))
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_holds_optimizer_state_hyperparameters_and_generator_only():
+    model = mlp()
+    x, y = batch()
+    nso = NSO(model.parameters(), sigma=0.07, num_perturbs=3, clean_weight=0.2, noise="filter",
+              seed=1, lr=0.1, momentum=0.9)
+    nso.step(mlp_closure(model, nso, x, y))
+    state = nso.state_dict()
+    assert set(state) == {"state", "param_groups", "flatlab"}
+    assert all(set(s) == {"momentum_buffer"} for s in state["state"].values())
+    assert state["param_groups"][0]["sigma"] == 0.07
+    assert state["param_groups"][0]["noise"] == "filter"
+    assert state["flatlab"]["generator_state"].dtype == torch.uint8
+    assert {k: v for k, v in state["flatlab"].items() if k != "generator_state"} == {
+        "num_perturbs": 3, "two_sided": True, "clean_weight": 0.2}
+    fresh = NSO(mlp().parameters(), lr=0.5)
+    fresh.load_state_dict(state)
+    loaded = (fresh.num_perturbs, fresh.clean_weight, fresh.param_groups[0]["sigma"])
+    assert loaded == (3, 0.2, 0.07)
+    assert fresh.param_groups[0]["lr"] == 0.1 and fresh.base_optimizer.param_groups[0]["lr"] == 0.1
+    assert torch.equal(fresh.generator.get_state(), nso.generator.get_state())
+
+
+@pytest.mark.parametrize("method", ["nso", "sam"])
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5),
+     lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)],
+)
+def test_lr_scheduler_works_without_warnings(method, make_scheduler):
+    model = Quadratic()
+    opt = METHODS[method](model.parameters(), lr=0.1, momentum=0.9)
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scheduler = make_scheduler(opt)
+        for _ in range(4):
+            opt.step(quadratic_closure(model, opt))
+            scheduler.step()
+            lrs.append(opt.base_optimizer.param_groups[0]["lr"])
+    assert lrs[-1] < 0.1 and len(set(lrs)) >= 2
+    assert lrs[-1] == scheduler.get_last_lr()[0]
+
+
+def test_base_step_uses_the_scheduled_lr():
+    model, reference = Quadratic(), Quadratic()
+    nso = NSO(model.parameters(), sigma=0.0, lr=0.1)
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.1) for o in (nso, sgd)]
+    for _ in range(3):
+        nso.step(quadratic_closure(model, nso))
+        sgd.step(quadratic_closure(reference, sgd))
+        for s in schedulers:
+            s.step()
+    for p, q in zip(model.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-15)
+    assert nso.param_groups[0]["lr"] == pytest.approx(1e-4)
+
+
+# ---------------------------------------------------------------------------------------- BN
+
+
+def one_forward_buffers(model, weights, x):
+    probe = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, w in zip(probe.parameters(), weights, strict=True):
+            p.copy_(w)
+    probe.train()
+    probe(x)
+    return [b.clone() for b in probe.buffers()]
+
+
+@pytest.mark.parametrize("clean_weight", [0.0, 0.4])
+def test_nso_batchnorm_stats_come_from_the_first_pass_only(clean_weight):
+    model = mlp(batchnorm=True)
+    x, y = batch()
+    w = params_of(model)
+    nso = NSO(model.parameters(), sigma=0.3, num_perturbs=2, clean_weight=clean_weight, seed=4,
+              lr=0.1, model=model)
+    generator = torch.Generator().manual_seed(4)
+    first_noise = [0.3 * torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in w]
+    first_point = w if clean_weight > 0 else [a + u for a, u in zip(w, first_noise, strict=True)]
+    expected = one_forward_buffers(model, first_point, x)
+    nso.step(mlp_closure(model, nso, x, y))
+    bn = model[1]
+    assert bn.num_batches_tracked.item() == 1
+    for b, e in zip(model.buffers(), expected, strict=True):
+        torch.testing.assert_close(b, e, rtol=0, atol=1e-15)
+    # without model= every pass updates the statistics (what model= is for)
+    unprotected = mlp(batchnorm=True)
+    opt = NSO(unprotected.parameters(), sigma=0.3, num_perturbs=2, clean_weight=clean_weight,
+              seed=4, lr=0.1)
+    opt.step(mlp_closure(unprotected, opt, x, y))
+    assert unprotected[1].num_batches_tracked.item() == opt.gradient_evaluations
+
+
+@pytest.mark.parametrize("method", ["sam", "asam", "rwp"])
+def test_sam_and_rwp_batchnorm_stats_come_from_the_clean_pass(method):
+    model = mlp(batchnorm=True)
+    x, y = batch()
+    expected = one_forward_buffers(model, params_of(model), x)
+    opt = METHODS[method](model.parameters(), lr=0.1, model=model)
+    opt.step(mlp_closure(model, opt, x, y))
+    for b, e in zip(model.buffers(), expected, strict=True):
+        torch.testing.assert_close(b, e, rtol=0, atol=1e-15)
+
+
+# ---------------------------------------------------------------------------------------- noise
+
+
+def perturbations_seen(seed=None, generator=None, global_seed=0, steps=2, **kwargs):
+    torch.manual_seed(global_seed)
+    model = Quadratic()
+    w = params_of(model)
+    nso = NSO(model.parameters(), sigma=0.1, lr=0.0, seed=seed, generator=generator, **kwargs)
+    calls: list = []
+    for _ in range(steps):
+        nso.step(quadratic_closure(model, nso, calls))
+    return [[p - q for p, q in zip(c, w, strict=True)] for c in calls]
+
+
+def same(a, b) -> bool:
+    return all(torch.equal(p, q) for x, z in zip(a, b, strict=True)
+               for p, q in zip(x, z, strict=True))
+
+
+def test_noise_is_reproducible_from_the_seed_and_independent_of_the_global_rng():
+    assert same(perturbations_seen(seed=3, global_seed=0),
+                perturbations_seen(seed=3, global_seed=1))
+    assert not same(perturbations_seen(seed=3), perturbations_seen(seed=4))
+    # seed=None: derived from the global seed, so seed_everything(s) still reproduces runs
+    assert same(perturbations_seen(global_seed=8), perturbations_seen(global_seed=8))
+    assert not same(perturbations_seen(global_seed=8), perturbations_seen(global_seed=9))
+    generator = torch.Generator().manual_seed(3)
+    assert same(perturbations_seen(generator=generator), perturbations_seen(seed=3))
+
+
+def test_noise_does_not_touch_the_global_rng():
+    model = Quadratic()
+    nso = NSO(model.parameters(), sigma=0.1, num_perturbs=3, seed=0, lr=0.1)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    nso.step(quadratic_closure(model, nso))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_two_sided_passes_use_opposite_draws():
+    steps = perturbations_seen(seed=2, steps=1, num_perturbs=2)
+    for plus, minus in (steps[0:2], steps[2:4]):
+        for u, v in zip(plus, minus, strict=True):
+            torch.testing.assert_close(v, -u, rtol=0, atol=1e-15)
+    assert not torch.allclose(steps[0][0], steps[2][0])
+
+
+def test_filter_noise_has_the_documented_per_filter_scale():
+    torch.manual_seed(0)
+    rows = torch.tensor([0.1, 1.0, 3.0, 10.0]).view(4, 1)
+    weight = nn.Parameter(torch.randn(4, 250) * rows)
+    conv = nn.Parameter(torch.randn(3, 2, 5, 5) * torch.tensor([0.5, 1.0, 2.0]).view(3, 1, 1, 1))
+    bias = nn.Parameter(torch.randn(50))
+    params = [weight, conv, bias]
+    sigma = 0.05
+    nso = NSO(params, sigma=sigma, noise="filter", num_perturbs=40, two_sided=False, seed=0,
+              lr=0.0)
+    draws: list = [[] for _ in params]
+    saved = [p.detach().clone() for p in params]
+
+    def closure():
+        loss = sum((p ** 2).sum() for p in params)
+        loss.backward()
+        for d, p, w in zip(draws, params, saved, strict=True):
+            d.append(p.detach() - w)
+        return loss
+
+    for _ in range(10):
+        nso.step(closure)
+    for d, w in zip(draws, saved, strict=True):
+        u = torch.stack(d)  # (400, *shape)
+        if w.dim() >= 2:
+            std = u.transpose(0, 1).reshape(w.shape[0], -1).std(dim=1)
+            expected = sigma * w.flatten(1).norm(dim=1)
+        else:
+            std, expected = u.std().view(1), (sigma * w.norm()).view(1)
+        # >= 20000 samples per filter: relative standard error < 0.5%; 2% is 4 sigma
+        torch.testing.assert_close(std, expected, rtol=0.02, atol=0)
+    absolute = perturbations_seen(seed=0, steps=30, num_perturbs=10)
+    stacked = torch.cat([u.reshape(-1) for step in absolute for u in step])
+    assert stacked.std().item() == pytest.approx(0.1, rel=0.03)
+
+
+# ---------------------------------------------------------------------------------------- checks
+
+
+@pytest.mark.parametrize(
+    ("make", "value"),
+    [(lambda p: NSO(p, sigma=-0.5), "-0.5"), (lambda p: NSO(p, num_perturbs=0), "0"),
+     (lambda p: NSO(p, num_perturbs=1.5), "1.5"), (lambda p: NSO(p, clean_weight=1.5), "1.5"),
+     (lambda p: NSO(p, clean_weight=-0.1), "-0.1"), (lambda p: NSO(p, noise="gauss"), "'gauss'"),
+     (lambda p: RWP(p, sigma=-2.0), "-2.0"), (lambda p: SAM(p, rho=0.0), "0.0"),
+     (lambda p: SAM(p, rho=-0.05), "-0.05"), (lambda p: ASAM(p, rho=-1.0), "-1.0"),
+     (lambda p: NSO([{"params": p[:1]}, {"params": p[1:], "sigma": -3.0}]), "-3.0")],
+)
+def test_constructor_rejects_bad_hyperparameters_naming_the_value(make, value):
+    params = list(Quadratic().parameters())
+    with pytest.raises(ValueError, match=r"Invalid \w+: " + re.escape(value) + " "):
+        make(params)
+
+
+def test_step_without_closure_is_an_error():
+    with pytest.raises(ValueError, match="closure"):
+        NSO(Quadratic().parameters(), lr=0.1).step()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_unused_parameters_keep_no_gradient_and_do_not_crash(method):
+    model = mlp()
+    model.unused = nn.Parameter(torch.ones(4, 2, dtype=torch.float64))
+    x, y = batch()
+    opt = METHODS[method](model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    for _ in range(2):
+        opt.step(mlp_closure(model, opt, x, y))
+    assert model.unused.grad is None
+    assert torch.equal(model.unused, torch.ones(4, 2, dtype=torch.float64))
+    assert model[0].weight.grad is not None
+
+
+def test_an_error_in_the_closure_leaves_the_weights_as_they_were():
+    model = Quadratic()
+    w = params_of(model)
+    nso = NSO(model.parameters(), sigma=1.0, num_perturbs=2, lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 3:
+            raise FloatingPointError("diverged")
+        return quadratic_closure(model, nso)()
+
+    with pytest.raises(FloatingPointError):
+        nso.step(closure)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), w, strict=True))
+
+
+# ---------------------------------------------------------------------------------------- factory
+
+
+def test_build_optimizer_builds_each_method_with_defaults():
+    params = list(Quadratic().parameters())
+    built = {name: build_optimizer(name, params, lr=0.1) for name in OPTIMIZERS}
+    assert type(built["sgd"]) is torch.optim.SGD
+    assert built["sgd"].param_groups[0]["momentum"] == 0.9
+    assert [type(built[n]) for n in ("sam", "asam", "rwp", "nso")] == [SAM, ASAM, RWP, NSO]
+    assert built["nso"].param_groups[0]["sigma"] == 0.01 and built["nso"].num_perturbs == 1
+    assert built["asam"].param_groups[0]["rho"] == 0.5
+    assert built["rwp"].param_groups[0]["noise"] == "filter" and built["rwp"].clean_weight == 0.5
+    assert [gradient_evaluations_per_step(built[n]) for n in OPTIMIZERS] == [1, 2, 2, 2, 2]
+    nso = build_optimizer("nso", params, lr=0.1, sigma=0.02, num_perturbs=2, clean_weight=0.1,
+                          noise="filter", base="adamw", weight_decay=0.01)
+    assert type(nso.base_optimizer) is torch.optim.AdamW
+    assert nso.param_groups[0]["weight_decay"] == 0.01 and nso.gradient_evaluations == 5
+    assert type(build_optimizer("sgd", params, lr=0.1, base="adam")) is torch.optim.Adam
+    a, b = (build_optimizer("nso", params, lr=0.1, seed=s) for s in (1, 1))
+    assert torch.equal(a.generator.get_state(), b.generator.get_state())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"name": "adam"}, "unknown optimizer 'adam'; choose one of sgd, sam, asam, rwp, nso"),
+     ({"name": "nso", "base": "rmsprop"}, "unknown base optimizer 'rmsprop'"),
+     ({"name": "sam", "sigma": 0.1}, "sigma does not apply to optimizer 'sam' (it takes: rho)"),
+     ({"name": "nso", "rho": 0.1}, "rho does not apply to optimizer 'nso'"),
+     ({"name": "nso", "sigma": -1.0}, "Invalid sigma: -1.0")],
+)
+def test_build_optimizer_rejects_bad_input(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        build_optimizer(params=Quadratic().parameters(), lr=0.1, **kwargs)
+    assert message in str(error.value)
