@@ -599,3 +599,92 @@ def test_build_optimizer_rejects_bad_input(kwargs, message):
     with pytest.raises(ValueError) as error:
         build_optimizer(params=Quadratic().parameters(), lr=0.1, **kwargs)
     assert message in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------- DDP
+
+
+DDP_METHODS = ("nso", "sam", "nso_independent")
+
+
+def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
+    import datetime
+
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        for method in DDP_METHODS:
+            ddp = nn.parallel.DistributedDataParallel(mlp())
+            reduces = []
+
+            def counting_hook(state, bucket, reduces=reduces):
+                reduces.append(1)
+                return allreduce_hook(None, bucket)
+
+            ddp.register_comm_hook(None, counting_hook)
+            opt = ddp_optimizer(method, ddp.parameters(), ddp)
+            x, y = batch(n=16)
+            shard = slice(rank * 8, (rank + 1) * 8)
+            calls: list = []
+            for _ in range(3):
+                opt.step(mlp_closure(ddp, opt, x[shard], y[shard], calls))
+            in_steps = len(reduces)
+            nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()  # counted
+            torch.save({"weights": params_of(ddp.module), "reduces": in_steps,
+                        "after_plain_backward": len(reduces), "first_point": calls[0]},
+                       f"{out}/{method}-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_optimizer(method, params, model):
+    if method == "sam":
+        return SAM(params, rho=0.1, lr=0.1, momentum=0.9, model=model)
+    return NSO(params, sigma=0.1, num_perturbs=2, seed=3, lr=0.1, momentum=0.9, model=model,
+               independent_noise=method == "nso_independent")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory) -> dict[str, list[dict]]:
+    """One 2-process gloo run (spawned, at most 120 s) of every method in DDP_METHODS."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path_factory.mktemp("ddp")
+    context = mp.spawn(_ddp_worker, args=(2, str(out / "store"), str(out)), nprocs=2,
+                       join=False)
+    deadline = time.monotonic() + 120
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("DDP workers did not finish in 120 s")
+    return {m: [torch.load(out / f"{m}-rank{r}.pt", weights_only=True) for r in range(2)]
+            for m in DDP_METHODS}
+
+
+@pytest.mark.parametrize("method", DDP_METHODS)
+def test_ddp_two_processes_match_one_process_without_inner_reduces(ddp_results, method):
+    ranks = ddp_results[method]
+    for result in ranks:
+        assert result["reduces"] == 0  # inner passes ran in no_sync: DDP reduced nothing
+        assert result["after_plain_backward"] > 0  # ... and the counter does see reductions
+    for p, q in zip(ranks[0]["weights"], ranks[1]["weights"], strict=True):
+        assert torch.equal(p, q)  # replicas never drift apart
+    same_noise = all(torch.equal(p, q) for p, q in
+                     zip(ranks[0]["first_point"], ranks[1]["first_point"], strict=True))
+    assert same_noise == (method != "nso_independent")
+    if method == "nso_independent":
+        return
+    model = mlp()
+    opt = ddp_optimizer(method, model.parameters(), None)
+    x, y = batch(n=16)
+    for _ in range(3):
+        opt.step(mlp_closure(model, opt, x, y))
+    for p, q in zip(model.parameters(), ranks[0]["weights"], strict=True):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-12)
