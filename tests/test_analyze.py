@@ -1,0 +1,333 @@
+"""python -m flatlab.analyze: end to end on tiny checkpoints, bad input, naming, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from flatlab import analyze as A
+from flatlab import landscape
+from flatlab.checkpoint import load_model, save_checkpoint
+from flatlab.data import load_dataset
+from flatlab.errors import run_cli
+from flatlab.models import build_model
+
+torch.set_num_threads(1)
+DATA_SPEC = dict(seed=0, train_size=120, test_size=40, input_shape=[6], num_classes=3)
+
+
+def _hessian():
+    hessian = pytest.importorskip("flatlab.hessian")
+    if not all(hasattr(hessian, n) for n in ("HessianOperator", "trace", "top_eigenvalues",
+                                              "spectral_density")):
+        pytest.skip("flatlab.hessian not available yet")
+    return hessian
+
+
+def make_checkpoint(path: Path, *, seed: int, optimizer: str = "sgd",
+                    hidden=(8,), data_kwargs=None) -> Path:
+    """A tiny MLP checkpoint on synthetic data, with a metrics.csv beside it."""
+    spec = dict(DATA_SPEC, **(data_kwargs or {}))
+    dataset = load_dataset("synthetic", **spec)
+    torch.manual_seed(seed)
+    model = build_model("mlp", dataset.input_shape, dataset.num_classes, hidden=list(hidden))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(path, model, {
+        "model": {"name": "mlp", "kwargs": {"hidden": list(hidden)},
+                  "input_shape": list(dataset.input_shape),
+                  "num_classes": dataset.num_classes},
+        "dataset": dataset.spec, "optimizer": {"name": optimizer, "kwargs": {"lr": 0.1}},
+        "epoch": 1, "step": 4, "grad_evals": 4 * (seed + 1), "seed": seed,
+        "run_name": path.parent.name,
+        "metrics": {"train_loss": 1.0 + seed, "train_acc": 0.5, "test_loss": 1.2,
+                    "test_acc": 0.4 + 0.1 * seed}})
+    (path.parent / "metrics.csv").write_text(
+        "epoch,train_loss,train_acc,test_loss,test_acc,seconds,grad_evals,lr\n"
+        "1,1.0,0.5,1.2,0.4,0.1,4,0.1\n")
+    return path
+
+
+@pytest.fixture()
+def runs(tmp_path):
+    sgd = make_checkpoint(tmp_path / "runs" / "sgd" / "model.safetensors", seed=0)
+    nso = make_checkpoint(tmp_path / "runs" / "nso" / "model.safetensors", seed=1,
+                          optimizer="nso")
+    return sgd.parent, nso.parent
+
+
+def _direct_loss(run_dir: Path, samples: int, seed: int = 0):
+    """Cross-entropy and accuracy of the checkpoint on the analysis subset, computed plainly."""
+    model, meta = load_model(run_dir)
+    data = load_dataset("synthetic", **DATA_SPEC)
+    idx = A.sample_indices(len(data.y_train), samples, seed)
+    with torch.no_grad():
+        out = model(data.x_train[idx])
+    y = data.y_train[idx]
+    return float(nn.functional.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+
+
+def _cli(argv, capsys):
+    code = run_cli(A.main, [str(a) for a in argv], prog="flatlab.analyze")
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_two_checkpoints_with_hessian(runs, tmp_path, capsys):
+    hessian = _hessian()
+    sgd, nso = runs
+    out = tmp_path / "out"
+    code, stdout, err = _cli([sgd, nso, "--trace", "--eigenvalues", "2", "--density",
+                              "--landscape", "1d", "--samples", "50", "--batch-size", "16",
+                              "--trace-matvecs", "12", "--grid-points", "5",
+                              "--interpolate", "sgd", "nso", "--out", out, "--no-progress"],
+                             capsys)
+    assert code == 0, err
+    analysis = json.loads((out / "analysis.json").read_text())
+    for key in ("flatlab_version", "command", "samples", "seed", "mode", "checkpoints",
+                "interpolation"):
+        assert key in analysis
+    assert analysis["samples"] == 50 and analysis["mode"] == "eval"
+    assert analysis["command"].startswith("python -m flatlab.analyze ")
+    assert [ck["name"] for ck in analysis["checkpoints"]] == ["sgd", "nso"]
+    schema = ("name", "path", "run_dir", "model", "dataset", "optimizer", "epoch", "grad_evals",
+              "seed", "metrics", "loss", "accuracy", "trace", "trace_stderr", "trace_matvecs",
+              "trace_method", "trace_per_layer", "eigenvalues", "eigenvalue_residuals",
+              "eigen_converged", "eigen_matvecs", "density", "landscape_1d", "landscape_2d")
+    for ck, run in zip(analysis["checkpoints"], runs, strict=True):
+        assert set(schema) <= set(ck)
+        assert ck["run_dir"] == str(run)
+        assert len(ck["eigenvalues"]) == 2 and ck["eigenvalues"][0] >= ck["eigenvalues"][1]
+        assert set(ck["density"]) == {"grid", "density", "nodes", "weights"}
+        assert ck["landscape_2d"] is None and len(ck["landscape_1d"]["loss"]) == 5
+        loss, acc = _direct_loss(run, 50)
+        assert ck["loss"] == pytest.approx(loss, rel=1e-6)
+        assert ck["accuracy"] == pytest.approx(acc, abs=1e-12)
+        assert ck["landscape_1d"]["loss"][2] == pytest.approx(ck["loss"], rel=1e-6)  # alpha = 0
+        per_layer = sum(v["estimate"] for v in ck["trace_per_layer"].values())
+        assert per_layer == pytest.approx(ck["trace"], rel=1e-6)
+        for figure in ("density", "eigenvalues", "landscape_1d"):
+            assert (out / "plots" / ck["name"] / f"{figure}.png").stat().st_size > 1000
+
+        # the trace is flatlab.hessian.trace on the same subset, same seed
+        model, _ = load_model(run)
+        data = load_dataset("synthetic", **DATA_SPEC)
+        batches = A.SubsetBatches(data.x_train, data.y_train,
+                                  A.sample_indices(len(data.y_train), 50, 0), 16)
+        op = hessian.HessianOperator(model, nn.CrossEntropyLoss(), batches, mode="eval")
+        ref = hessian.trace(op, num_matvecs=12, method="hutch++", seed=0)
+        assert ck["trace"] == pytest.approx(float(ref.estimate), rel=1e-6)
+        assert ck["trace_stderr"] == pytest.approx(float(ref.stderr), rel=1e-6)
+
+    interp = analysis["interpolation"]
+    assert interp["from"] == "sgd" and interp["to"] == "nso"
+    assert interp["loss"][0] == pytest.approx(analysis["checkpoints"][0]["loss"], rel=1e-6)
+    assert interp["loss"][-1] == pytest.approx(analysis["checkpoints"][1]["loss"], rel=1e-6)
+
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert [r["name"] for r in rows] == ["sgd", "nso"]
+    assert {"optimizer", "epoch", "grad_evals", "test_acc", "train_loss", "loss", "accuracy",
+            "trace", "trace_stderr", "lambda_1", "lambda_2"} <= set(rows[0])
+    assert float(rows[1]["lambda_1"]) == analysis["checkpoints"][1]["eigenvalues"][0]
+    assert (out / "index.html").is_file() and (out / "report.md").is_file()
+    assert (out / "plots" / "interpolation.png").is_file()
+
+
+def test_landscape_only_run_matches_direct_evaluation(runs, tmp_path, capsys):
+    sgd, _ = runs
+    out = tmp_path / "one"
+    code, _, err = _cli([sgd, "--landscape", "1d", "--landscape", "2d", "--samples", "70",
+                         "--batch-size", "32", "--grid-points", "3", "--out", out,
+                         "--no-progress"], capsys)
+    assert code == 0, err
+    analysis = json.loads((out / "analysis.json").read_text())
+    (ck,) = analysis["checkpoints"]
+    loss, acc = _direct_loss(sgd, 70)
+    assert ck["loss"] == pytest.approx(loss, rel=1e-6) and ck["accuracy"] == acc
+    assert ck["trace"] is None and ck["eigenvalues"] is None and ck["density"] is None
+    grid = ck["landscape_2d"]
+    assert grid["alphas"] == [-1.0, 0.0, 1.0] and len(grid["loss"]) == 3
+    assert grid["loss"][1][1] == pytest.approx(ck["loss"], rel=1e-6)
+    # the 1-D slice is the seeded filter-normalised direction, evaluated exactly
+    model, _ = load_model(sgd)
+    data = load_dataset("synthetic", **DATA_SPEC)
+    batches = A.SubsetBatches(data.x_train, data.y_train,
+                              A.sample_indices(len(data.y_train), 70, 0), 32)
+    d = landscape.random_direction(model, generator=torch.Generator().manual_seed(0))
+    ref = landscape.slice_1d(model, nn.CrossEntropyLoss(), batches, d, [-1.0, 0.0, 1.0])
+    assert ck["landscape_1d"]["loss"] == pytest.approx(ref["loss"].tolist(), rel=1e-12)
+    assert (out / "plots" / "sgd" / "landscape_2d.png").is_file()
+    assert not (out / "index.html").exists()  # one checkpoint, no --report
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert len(rows) == 1 and rows[0]["trace"] == ""
+
+
+def test_same_seed_same_numbers(runs):
+    sgd, _ = runs
+    options = A.AnalyzeOptions(trace=False, eigenvalues=0, density=False, landscape=("1d",),
+                               samples=30, grid_points=3, progress=False)
+    first = A.analyze([sgd], options)
+    second = A.analyze([sgd], options)
+    assert first == second
+    other = A.analyze([sgd], A.AnalyzeOptions(**{**options.__dict__, "seed": 1}))
+    assert other["checkpoints"][0]["loss"] != first["checkpoints"][0]["loss"]
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path, runs):
+    sgd, nso = runs
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    truncated = tmp_path / "trunc" / "model.safetensors"
+    truncated.parent.mkdir()
+    truncated.write_bytes((sgd / "model.safetensors").read_bytes()[:-40])
+    return {
+        "missing file": [tmp_path / "nope.safetensors"],
+        "corrupt checkpoint": [corrupt],
+        "truncated checkpoint": [truncated.parent],
+        "unknown flag": [sgd, "--frobnicate"],
+        "samples 0": [sgd, "--samples", "0"],
+        "samples word": [sgd, "--samples", "many"],
+        "negative eigenvalues": [sgd, "--eigenvalues", "-1"],
+        "given twice": [sgd, sgd / "model.safetensors"],
+        "even grid": [sgd, "--grid-points", "4"],
+        "bad mode": [sgd, "--mode", "test"],
+        "interpolate unknown": [sgd, nso, "--interpolate", "sgd", "adam"],
+        "baseline unknown": [sgd, nso, "--baseline", "adam"],
+        "second missing": [sgd, tmp_path / "gone"],
+        "no checkpoint": [],
+    }
+
+
+@pytest.mark.parametrize("case", ["missing file", "corrupt checkpoint", "truncated checkpoint",
+                                  "unknown flag", "samples 0", "samples word",
+                                  "negative eigenvalues", "given twice", "even grid", "bad mode",
+                                  "interpolate unknown", "baseline unknown", "second missing",
+                                  "no checkpoint"])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, runs, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    before = b'{"previous": "analysis"}\n'
+    (out / "analysis.json").write_bytes(before)
+    argv = _bad_inputs(tmp_path, runs)[case] + ["--out", out, "--no-progress"]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("flatlab.analyze") and "Traceback" not in err
+    assert (out / "analysis.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json"]
+
+
+def test_bad_input_subprocess_has_no_traceback(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "analysis.json").write_text("{}")
+    proc = subprocess.run([sys.executable, "-m", "flatlab.analyze", str(tmp_path / "missing"),
+                           "--out", str(out)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "does not exist" in proc.stderr
+    assert (out / "analysis.json").read_text() == "{}"
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_unique_names_disambiguate_by_parent(tmp_path):
+    a = make_checkpoint(tmp_path / "x" / "nso" / "model.safetensors", seed=0)
+    b = make_checkpoint(tmp_path / "y" / "nso" / "model.safetensors", seed=1)
+    c = make_checkpoint(tmp_path / "y" / "sgd" / "model.safetensors", seed=2)
+    loose = make_checkpoint(tmp_path / "loose" / "ckpt" / "final.safetensors", seed=3)
+    (loose.parent / "metrics.csv").unlink()
+    assert A.unique_names([a, b, c, loose]) == ["x/nso", "y/nso", "sgd", "final"]
+    epoch = make_checkpoint(tmp_path / "y" / "sgd" / "epoch_3.safetensors", seed=4)
+    assert A.unique_names([c, epoch]) == ["sgd", "sgd/epoch_3"]
+
+
+def test_default_out_dir_and_overwrite_on_good_input(runs, capsys):
+    sgd, nso = runs
+    argv = [sgd, "--landscape", "1d", "--samples", "20", "--grid-points", "3", "--no-progress"]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    target = sgd / "analysis" / "analysis.json"
+    first = target.read_bytes()
+    assert str(target) in stdout
+    code, _, err = _cli(argv + ["--seed", "3"], capsys)  # good input replaces the old results
+    assert code == 0, err
+    assert target.read_bytes() != first
+    loaded = A.load_checkpoints([sgd, nso], A.AnalyzeOptions())
+    assert A.default_out_dir(loaded) == sgd.parent / "analysis"
+
+
+def test_defaults_when_nothing_is_chosen(runs):
+    sgd, _ = runs
+    parser = A.build_parser()
+    argv = [str(sgd)]
+    opts = A.options_from_args(parser.parse_args(argv), argv)
+    assert (opts.trace, opts.eigenvalues, opts.density, opts.landscape) == (True, 5, True,
+                                                                             ("1d",))
+    argv = [str(sgd), "--landscape", "2d", "--eigenvalues", "3"]
+    opts = A.options_from_args(parser.parse_args(argv), argv)
+    assert (opts.trace, opts.eigenvalues, opts.density, opts.landscape) == (False, 3, False,
+                                                                             ("2d",))
+    argv = [str(sgd), "--samples", "all"]
+    assert A.options_from_args(parser.parse_args(argv), argv).samples is None
+
+
+def test_sample_indices_are_seeded_distinct_and_clamped():
+    a = A.sample_indices(100, 30, seed=0)
+    assert torch.equal(a, A.sample_indices(100, 30, seed=0))
+    assert not torch.equal(a, A.sample_indices(100, 30, seed=1))
+    assert len(set(a.tolist())) == 30 and a.max() < 100
+    assert torch.equal(A.sample_indices(100, None, seed=0), torch.arange(100))
+    assert torch.equal(A.sample_indices(100, 500, seed=0), torch.arange(100))
+
+
+def test_subset_batches_stream_one_batch_at_a_time():
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    batches = A.SubsetBatches(x, y, torch.tensor([1, 3, 4, 8, 9]), 2)
+    got = list(batches)
+    assert len(batches) == 3 and [len(b[1]) for b in got] == [2, 2, 1]
+    assert torch.equal(torch.cat([b[1] for b in got]), torch.tensor([1, 3, 4, 8, 9]))
+    assert list(batches)[0][1].tolist() == [1, 3]  # re-iterable
+
+
+MEMORY_SCRIPT = r"""
+import resource, sys
+from pathlib import Path
+from flatlab import analyze as A
+run = Path(sys.argv[1])
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+opts = dict(trace=False, eigenvalues=0, density=False, landscape=("1d",), grid_points=3,
+            batch_size=32, progress=False)
+A.analyze([run], A.AnalyzeOptions(samples=64, **opts))
+small = peak_mb()
+A.analyze([run], A.AnalyzeOptions(samples=None, **opts))
+print(small, peak_mb() - small)
+"""
+
+
+def test_memory_does_not_grow_with_samples(tmp_path):
+    """4000 samples through a 2048-wide layer would hold 32 MiB of activations at once; streamed
+    in batches of 32 the peak must not move by more than a few MiB over a 64-sample run."""
+    run = make_checkpoint(tmp_path / "wide" / "model.safetensors", seed=0, hidden=(2048,),
+                          data_kwargs={"train_size": 4000, "input_shape": [16]})
+    proc = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(run.parent)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    _, growth = map(float, proc.stdout.split())
+    assert growth < 12, f"peak RSS grew by {growth:.1f} MiB"
