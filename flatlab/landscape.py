@@ -386,10 +386,13 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, coords, directions:
     re-iterable of batches, moved to the model's device one batch at a time. Memory holds one
     batch's activations times ``chunk_size`` points (auto: up to 16, at most 256 MiB of
     stacked parameters). ``vectorize``: "vmap" evaluates a chunk of points in one vmapped pass,
-    "loop" one point at a time, "auto" tries vmap and falls back to the loop where the model
-    cannot be vmapped. ``distributed=True`` (torch.distributed initialised): rank r evaluates
-    points r, r + W, ... and the results are summed across ranks, so every rank returns all
-    points; each rank must be given the same ``data``.
+    "loop" one point at a time, "auto" uses vmap for models without convolutions (where it
+    measured faster) and falls back to the loop where the model cannot be vmapped (e.g.
+    dropout in train mode). Both give the same numbers up to float rounding.
+
+    ``distributed=True`` (torch.distributed initialised): rank r evaluates points r, r + W, ...
+    and the results are summed across ranks, so every rank returns all points; each rank must
+    be given the same ``data``.
 
     Returns ``{"loss": (n,), "accuracy": (n,)}`` as float64 CPU tensors; accuracy is NaN when
     the outputs are not class scores ``(batch, classes)`` with integer targets.
@@ -422,7 +425,8 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, coords, directions:
     correct = torch.zeros(n, dtype=torch.float64)
     count = 0
     chunk = _chunk_size(points, chunk_size)
-    use_vmap = vectorize != "loop" and bool(points.moving_params)
+    use_vmap = bool(points.moving_params) and (
+        vectorize == "vmap" or (vectorize == "auto" and not _has_convolution(model)))
     bar = _progress_bar(len(indices), progress)
     position = 0
     while position < len(indices):
@@ -459,6 +463,12 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, coords, directions:
         return {"loss": torch.full((n,), math.nan, dtype=torch.float64),
                 "accuracy": torch.full((n,), math.nan, dtype=torch.float64)}
     return {"loss": loss_sum / count, "accuracy": correct / count}
+
+
+def _has_convolution(model: nn.Module) -> bool:
+    # vmap turns a convolution with per-point weights into a grouped convolution, which on CPU
+    # measured 1.1-3x slower than a loop over points (ResNet-8); linear layers batch well.
+    return any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
 
 
 def _progress_bar(total: int, enabled: bool):
