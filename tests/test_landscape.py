@@ -335,8 +335,11 @@ def test_streams_batches_one_pass_per_chunk():
     source = CountingBatches(data)
     d = L.random_direction(model, generator=torch.Generator().manual_seed(0))
     out = L.slice_1d(model, nn.CrossEntropyLoss(), source, d, torch.linspace(-1, 1, 10),
-                     chunk_size=4)
+                     chunk_size=4, vectorize="vmap")
     assert source.passes == 3  # ceil(10 / 4) chunks, each one pass over the data
+    L.slice_1d(model, nn.CrossEntropyLoss(), source, d, torch.linspace(-1, 1, 10),
+               vectorize="loop")
+    assert source.passes == 3 + 10
     ref = L.slice_1d(model, nn.CrossEntropyLoss(), data, d, torch.linspace(-1, 1, 10))
     torch.testing.assert_close(out["loss"], ref["loss"], rtol=1e-6, atol=0)
     with pytest.raises(TypeError, match="re-iterable"):
