@@ -1,0 +1,141 @@
+"""flatlab.distributed and the torchrun paths: 2 gloo processes on CPU, compared with 1 process.
+
+Every multi-process check runs inside one ``distributed.spawn`` per fixture (process start-up
+and ``import torch`` dominate the cost), bounded in time; the tests then compare the returned
+values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+import torch
+from torch import nn
+
+from flatlab import distributed
+
+SPAWN_TIMEOUT = 90.0
+
+
+# --------------------------------------------------------------------------- one process
+
+
+def test_single_process_helpers_are_identities():
+    assert not distributed.is_initialized()
+    assert (distributed.rank(), distributed.world_size()) == (0, 1)
+    assert distributed.is_main_process()
+    t = torch.tensor([1.0, 2.0])
+    assert distributed.all_reduce_sum(t) is t and t.tolist() == [1.0, 2.0]
+    assert distributed.all_reduce_mean(t).tolist() == [1.0, 2.0]
+    assert distributed.all_gather_cat(t) is t
+    assert distributed.all_ranks_true(True) and not distributed.all_ranks_true(False)
+    distributed.barrier()
+    model = nn.Linear(2, 2)
+    assert distributed.wrap_model(model) is model and distributed.unwrap_model(model) is model
+    assert distributed.replicas_equal(model)
+    assert distributed.main_process_only(lambda x: x + 1)(1) == 2
+    assert distributed.init_from_env("cpu") is False  # no torchrun variables: nothing started
+
+
+@pytest.mark.parametrize("length", [0, 1, 5, 7, 8])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shard_splits_contiguously_into_near_equal_parts(length, world):
+    items = list(range(length))
+    parts = [distributed.shard(items, r, world) for r in range(world)]
+    assert sum(parts, []) == items
+    sizes = [len(p) for p in parts]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    tensor_parts = [distributed.shard(torch.arange(length), r, world) for r in range(world)]
+    assert torch.cat(tensor_parts).tolist() == items
+
+
+def test_shard_rejects_a_rank_outside_the_world():
+    with pytest.raises(ValueError, match="rank must be in"):
+        distributed.shard([1, 2], 2, 2)
+
+
+def test_device_for_pins_bare_cuda_only():
+    assert distributed.device_for("cpu") == torch.device("cpu")
+    assert distributed.device_for(torch.device("cuda", 1)) == torch.device("cuda", 1)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def _collectives() -> dict:
+    r = distributed.rank()
+    out: dict = {"rank": r, "world": distributed.world_size(),
+                 "main": distributed.is_main_process()}
+    out["sum"] = distributed.all_reduce_sum(torch.tensor([1.0, float(r)])).tolist()
+    out["mean"] = distributed.all_reduce_mean(torch.tensor([2.0 * r + 1.0])).tolist()
+    out["max"] = distributed.all_reduce_max(torch.tensor([float(-r), float(r)])).tolist()
+    out["gather"] = distributed.all_gather_cat(torch.full((r + 1, 2), r)).tolist()
+    out["gather_dim1"] = distributed.all_gather_cat(torch.full((1, 2 - r), r), dim=1).tolist()
+    out["gather_empty"] = distributed.all_gather_cat(torch.arange(3 * r)).tolist()
+    out["broadcast"] = distributed.broadcast(torch.tensor([r + 5.0])).tolist()
+    out["all_true"] = [distributed.all_ranks_true(r == 0), distributed.all_ranks_true(True)]
+    out["shard"] = distributed.shard(list(range(7)))
+    out["main_only"] = distributed.main_process_only(lambda: "ran")()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        with distributed.silence_other_ranks() as is_main:
+            print(f"hello from {r}")
+    out["printed"], out["silence_yields"] = printed.getvalue(), is_main
+    distributed.barrier()
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    out["replicas_equal"] = distributed.replicas_equal(model)
+    if r == 1:
+        with torch.no_grad():
+            model.bias[0] += 1e-7
+    out["replicas_after_drift"] = distributed.replicas_equal(model)
+    torch.manual_seed(r)  # different initial weights: DDP must broadcast rank 0's
+    wrapped = distributed.wrap_model(nn.Linear(3, 2))
+    out["wrapped_is_ddp"] = isinstance(wrapped, nn.parallel.DistributedDataParallel)
+    out["wrapped_equal"] = distributed.replicas_equal(wrapped)
+    out["unwrapped"] = type(distributed.unwrap_model(wrapped)).__name__
+    return out
+
+
+@pytest.fixture(scope="module")
+def collectives() -> list[dict]:
+    return distributed.spawn(_collectives, 2, timeout=SPAWN_TIMEOUT)
+
+
+def test_collectives_on_two_processes(collectives):
+    for r, out in enumerate(collectives):
+        assert (out["rank"], out["world"], out["main"]) == (r, 2, r == 0)
+        assert out["sum"] == [2.0, 1.0]
+        assert out["mean"] == [2.0]
+        assert out["max"] == [0.0, 1.0]
+        assert out["gather"] == [[0, 0], [1, 1], [1, 1]]
+        assert out["gather_dim1"] == [[0, 0, 1]]
+        assert out["gather_empty"] == [0, 1, 2]
+        assert out["broadcast"] == [5.0]
+        assert out["all_true"] == [False, True]
+        assert out["shard"] == ([0, 1, 2, 3] if r == 0 else [4, 5, 6])
+
+
+def test_rank_zero_alone_runs_io_and_prints(collectives):
+    assert [out["main_only"] for out in collectives] == ["ran", None]
+    assert [out["printed"] for out in collectives] == ["hello from 0\n", ""]
+    assert [out["silence_yields"] for out in collectives] == [True, False]
+
+
+def test_replica_check_and_wrapping(collectives):
+    for out in collectives:
+        assert out["replicas_equal"] is True
+        assert out["replicas_after_drift"] is False  # a 1e-7 change on one rank is seen on both
+        assert out["wrapped_is_ddp"] and out["wrapped_equal"] and out["unwrapped"] == "Linear"
+
+
+def test_spawn_reports_a_worker_error():
+    with pytest.raises(RuntimeError, match="(?s)rank 1 failed:.*ZeroDivisionError"):
+        distributed.spawn(_fail_on_rank_one, 2, timeout=SPAWN_TIMEOUT)
+
+
+def _fail_on_rank_one() -> None:
+    if distributed.rank() == 1:
+        1 / 0  # noqa: B018
