@@ -99,9 +99,82 @@ def _collectives() -> dict:
     return out
 
 
+COUNTED_METHODS = {  # name -> (build_optimizer arguments, expected all-reduces per step)
+    "sgd": ({}, 0),  # plain DDP: the reducer's hook, once per bucket per step
+    "nso": ({"sigma": 0.05, "num_perturbs": 2}, 1),  # 4 passes, one reduce
+    "rwp": ({"sigma": 0.05}, 1),  # clean + perturbed pass, one reduce
+    "sam": ({"rho": 0.05}, 2),  # g_0 must be averaged for the ascent step, then g
+}
+STEPS = 3
+
+
+def _communication_counts() -> dict:
+    """Per method: DDP comm-hook calls and explicit ``dist.all_reduce`` calls during STEPS
+    optimizer steps (each pass of the perturbation optimizers must run in no_sync)."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    from flatlab.optim import build_optimizer, gradient_evaluations_per_step
+
+    real_all_reduce = dist.all_reduce
+    counts: dict = {}
+    explicit: list[int] = []
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        explicit.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        for method, (kwargs, _) in COUNTED_METHODS.items():
+            torch.manual_seed(0)
+            ddp = distributed.wrap_model(nn.Sequential(nn.Linear(6, 8), nn.Tanh(),
+                                                       nn.Linear(8, 3)))
+            hook_calls: list[int] = []
+
+            def hook(state, bucket, hook_calls=hook_calls):
+                hook_calls.append(bucket.buffer().numel())
+                return allreduce_hook(None, bucket)
+
+            ddp.register_comm_hook(None, hook)
+            opt = build_optimizer(method, ddp.parameters(), lr=0.1, model=ddp, **kwargs)
+            gen = torch.Generator().manual_seed(distributed.rank())
+            x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+            passes: list[int] = []
+
+            def closure(opt=opt, ddp=ddp, x=x, y=y, passes=passes):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(ddp(x), y)
+                loss.backward()
+                passes.append(1)
+                return loss
+
+            explicit.clear()
+            for _ in range(STEPS):
+                opt.step(closure)
+            counts[method] = {"hook": list(hook_calls), "explicit": list(explicit),
+                              "passes": len(passes),
+                              "per_step": gradient_evaluations_per_step(opt),
+                              "params": sum(p.numel() for p in ddp.parameters()),
+                              "equal": distributed.replicas_equal(ddp)}
+    finally:
+        dist.all_reduce = real_all_reduce
+    return counts
+
+
+def _two_rank_checks() -> dict:
+    return {"collectives": _collectives(), "comm": _communication_counts()}
+
+
 @pytest.fixture(scope="module")
-def collectives() -> list[dict]:
-    return distributed.spawn(_collectives, 2, timeout=SPAWN_TIMEOUT)
+def two_ranks() -> list[dict]:
+    """One 2-process gloo run of every check that needs no training or analysis module."""
+    return distributed.spawn(_two_rank_checks, 2, timeout=SPAWN_TIMEOUT)
+
+
+@pytest.fixture(scope="module")
+def collectives(two_ranks) -> list[dict]:
+    return [out["collectives"] for out in two_ranks]
 
 
 def test_collectives_on_two_processes(collectives):
@@ -139,3 +212,20 @@ def test_spawn_reports_a_worker_error():
 def _fail_on_rank_one() -> None:
     if distributed.rank() == 1:
         1 / 0  # noqa: B018
+
+
+@pytest.mark.parametrize("method", COUNTED_METHODS)
+def test_perturbation_passes_run_without_ddp_reduces_and_reduce_once_per_step(two_ranks, method):
+    expected = COUNTED_METHODS[method][1]
+    for out in two_ranks:
+        c = out["comm"][method]
+        assert c["passes"] == STEPS * c["per_step"]
+        assert c["equal"]  # replicas identical after the steps
+        if method == "sgd":  # the reference: DDP's hook reduces every parameter once per step
+            assert c["explicit"] == c["hook"]  # (the default hook calls dist.all_reduce)
+            assert len(c["hook"]) % STEPS == 0 and sum(c["hook"]) == STEPS * c["params"]
+            continue
+        assert c["hook"] == []  # every forward/backward ran inside no_sync()
+        # ``expected`` flat reduces per step, each of all gradients (+ one presence flag each)
+        assert len(c["explicit"]) == STEPS * expected
+        assert all(n == c["params"] + 4 for n in c["explicit"])
