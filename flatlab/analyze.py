@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 import flatlab
-from flatlab import landscape
+from flatlab import distributed, landscape
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
 from flatlab.io import atomic_write_text
 
@@ -219,7 +219,7 @@ def load_checkpoints(checkpoints: Sequence[str | Path], options: AnalyzeOptions
     options.validate()
     if not checkpoints:
         raise FlatlabError("no checkpoint given")
-    device = resolve_device(options.device)
+    device = distributed.device_for(resolve_device(options.device))
     paths = [resolve_checkpoint(c) for c in checkpoints]
     seen: dict[Path, str] = {}
     for given, path in zip(checkpoints, paths, strict=True):
@@ -308,7 +308,8 @@ def analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
     loss_fn = nn.CrossEntropyLoss()
     stages = _stages(options)
     bar = tqdm(total=len(loaded) * len(stages) + (options.interpolate is not None),
-               disable=not options.progress, desc="analyze", unit="stage", file=sys.stderr)
+               disable=not options.progress or not distributed.is_main_process(),
+               desc="analyze", unit="stage", file=sys.stderr)
     entries = []
     batches_of: dict[str, SubsetBatches] = {}
     try:
@@ -328,7 +329,7 @@ def analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
             result = landscape.interpolate(
                 a.model, a.model.state_dict(), b.model.state_dict(), loss_fn,
                 batches_of[a.name], _grid(options, "interpolation"), mode=options.mode,
-                bn=options.bn)
+                bn=options.bn, distributed=distributed.world_size() > 1)
             interpolation = {"from": a.name, "to": b.name, **_lists(result)}
             bar.update()
     finally:
@@ -382,14 +383,17 @@ def _entry_header(ck: LoadedCheckpoint, num_samples: int) -> dict:
 def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn,
                options: AnalyzeOptions) -> dict:
     model = ck.model
+    # Under torchrun, loss and landscape points are split across ranks (each rank sees the whole
+    # subset); Hessian products shard the samples and all-reduce.
+    spread = distributed.world_size() > 1
     if stage == "loss":
         at = landscape.evaluate_points(model, loss_fn, batches, torch.zeros(1, 0), [],
-                                       mode=options.mode)
+                                       mode=options.mode, distributed=spread)
         return {"loss": float(at["loss"][0]), "accuracy": float(at["accuracy"][0])}
     if stage.startswith("landscape"):
         kind = stage.split()[1]
         gen = torch.Generator().manual_seed(options.seed)
-        kwargs = dict(mode=options.mode, bn=options.bn, progress=False)
+        kwargs = dict(mode=options.mode, bn=options.bn, progress=False, distributed=spread)
         if kind == "1d":
             direction = landscape.random_direction(model, generator=gen)
             result = landscape.slice_1d(model, loss_fn, batches, direction,
@@ -404,7 +408,12 @@ def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn
 
     from flatlab import hessian
 
-    op = hessian.HessianOperator(model, loss_fn, batches, mode=options.mode)
+    if spread:
+        shard = SubsetBatches(batches.x, batches.y, distributed.shard(batches.indices),
+                              batches.batch_size, batches.device)
+        op = hessian.HessianOperator(model, loss_fn, shard, mode=options.mode, distributed=True)
+    else:
+        op = hessian.HessianOperator(model, loss_fn, batches, mode=options.mode)
     if stage == "trace":
         res = hessian.trace(op, num_matvecs=options.trace_matvecs, method=options.trace_method,
                             seed=options.seed)
@@ -663,6 +672,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     options = options_from_args(args, argv)
+    # under torchrun: start the process group (and end it); else, or if the caller already
+    # started one, leave things as they are
+    started = not distributed.is_initialized() and distributed.init_from_env(options.device)
+    try:
+        return _main(args, options)
+    finally:
+        if started:
+            distributed.cleanup()
+
+
+def _main(args, options: AnalyzeOptions) -> int:
     loaded = load_checkpoints(args.checkpoints, options)  # every input checked before writing
     out_dir = Path(args.out) if args.out is not None else default_out_dir(loaded)
     if out_dir.exists() and not out_dir.is_dir():
@@ -672,8 +692,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FlatlabError(f"--baseline {args.baseline!r} is not among the checkpoints; choose "
                            f"one of {', '.join(ck.name for ck in loaded)}")
     analysis = analyze(loaded, options)
-    path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
-    print(f"wrote {path}" + (f" and {out_dir / 'index.html'}" if report else ""))
+    if distributed.is_main_process():
+        path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
+        print(f"wrote {path}" + (f" and {out_dir / 'index.html'}" if report else ""))
+    distributed.barrier()
     return 0
 
 

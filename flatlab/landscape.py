@@ -41,6 +41,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from flatlab import distributed as dist_helpers
+
 __all__ = [
     "random_direction",
     "eigenvector_direction",
@@ -415,11 +417,9 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, coords, directions:
     n = coords.shape[0]
     indices = list(range(n))
     if distributed:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
+        if not dist_helpers.is_initialized():
             raise ValueError("distributed=True needs an initialised torch.distributed group")
-        indices = indices[dist.get_rank()::dist.get_world_size()]
+        indices = indices[dist_helpers.rank()::dist_helpers.world_size()]
 
     loss_sum = torch.zeros(n, dtype=torch.float64)
     correct = torch.zeros(n, dtype=torch.float64)
@@ -450,15 +450,12 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, coords, directions:
         bar.close()
 
     if distributed:
-        import torch.distributed as dist
-
-        device = evaluator.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        packed = torch.stack([loss_sum, correct]).to(device)
-        dist.all_reduce(packed)  # each point was evaluated on exactly one rank; others hold 0
+        device = evaluator.device or torch.device("cpu")
+        # each point was evaluated on exactly one rank; the others hold 0 for it
+        packed = dist_helpers.all_reduce_sum(torch.stack([loss_sum, correct]).to(device))
         loss_sum, correct = packed[0].cpu(), packed[1].cpu()
         total = torch.tensor([float(count)], dtype=torch.float64, device=device)
-        dist.all_reduce(total, op=dist.ReduceOp.MAX)  # a rank without points counted nothing
-        count = int(total.item())
+        count = int(dist_helpers.all_reduce_max(total).item())  # a rank without points has 0
     if count == 0:
         return {"loss": torch.full((n,), math.nan, dtype=torch.float64),
                 "accuracy": torch.full((n,), math.nan, dtype=torch.float64)}

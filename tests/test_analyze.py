@@ -331,3 +331,29 @@ def test_memory_does_not_grow_with_samples(tmp_path):
     assert proc.returncode == 0, proc.stderr
     _, growth = map(float, proc.stdout.split())
     assert growth < 12, f"peak RSS grew by {growth:.1f} MiB"
+
+
+def _analyze_on_rank(argv):
+    from flatlab import distributed
+
+    code = run_cli(A.main, argv, prog="flatlab.analyze")
+    return code, distributed.rank()
+
+
+def test_two_processes_give_the_single_process_analysis(runs, tmp_path, capsys):
+    """Under torchrun-like launch, landscape points are split across ranks and gathered; rank 0
+    alone writes, and the numbers equal the one-process run exactly."""
+    from flatlab.distributed import spawn
+
+    sgd, nso = runs
+    common = [str(sgd), str(nso), "--landscape", "1d", "--samples", "40", "--grid-points", "5",
+              "--interpolate", "sgd", "nso", "--no-progress"]
+    results = spawn(_analyze_on_rank, 2, args=(common + ["--out", str(tmp_path / "two")],),
+                    timeout=240)
+    assert sorted(results) == [(0, 0), (0, 1)]
+    code, _, err = _cli(common + ["--out", tmp_path / "one"], capsys)
+    assert code == 0, err
+    two = json.loads((tmp_path / "two" / "analysis.json").read_text())
+    one = json.loads((tmp_path / "one" / "analysis.json").read_text())
+    two.pop("command"), one.pop("command")
+    assert two == one
