@@ -1,0 +1,181 @@
+"""``python -m flatlab.demo``: train SGD, SAM and NSO on MNIST-1D, analyse them, write the report.
+
+    python -m flatlab.demo [--out reports/demo] [--epochs N] [--quick]
+
+The three runs share everything (data, MLP, learning rate, schedule, seed) except the optimizer:
+SGD with momentum, SAM (rho 0.05) and NSO (sigma 0.01 absolute noise, one two-sided
+perturbation: 2 gradient evaluations per step, like SAM). They go to ``OUT/runs/{sgd,sam,nso}``;
+then each is analysed on the same 1000 training samples (Hessian trace, top-5 eigenvalues,
+spectral density, 1-D and 2-D loss slices, SGD -> NSO interpolation) and ``OUT/index.html`` /
+``OUT/report.md`` compare them against SGD. ``--quick`` trains 5 epochs and analyses fewer
+samples with smaller budgets (a smoke test, not a result).
+
+Re-running into the same ``OUT`` reuses every finished run whose configuration matches, resumes
+an interrupted one, and refuses (exit 2, nothing touched) where ``OUT/runs/NAME`` holds a run
+with a different configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from flatlab.errors import ArgumentParser, FlatlabError, run_cli
+from flatlab.io import atomic_write_text
+
+DEFAULT_OUT = "reports/demo"
+DEFAULT_EPOCHS = 40
+QUICK_EPOCHS = 5
+BASELINE = "sgd"
+# name -> optimizer settings; everything else is shared (see demo_configs)
+METHODS: dict[str, dict] = {
+    "sgd": {"optimizer": "sgd"},
+    "sam": {"optimizer": "sam", "rho": 0.05},
+    "nso": {"optimizer": "nso", "sigma": 0.01, "num_perturbs": 1},
+}
+SHARED = {"dataset": "mnist1d", "model": "mlp", "batch_size": 128, "lr": 0.05, "momentum": 0.9,
+          "weight_decay": 5e-4, "schedule": "cosine", "seed": 0, "device": "cpu"}
+
+
+def demo_configs(out: str | Path, *, epochs: int):
+    """The three :class:`~flatlab.train.TrainConfig` objects, keyed by run name."""
+    from flatlab.train import TrainConfig
+
+    return {name: TrainConfig(**SHARED, **method, epochs=epochs,
+                              out=str(Path(out) / "runs" / name)).validate()
+            for name, method in METHODS.items()}
+
+
+def analysis_options(*, quick: bool, command: str | None = None, progress: bool = True):
+    """What the demo measures (smaller budgets with ``quick``)."""
+    from flatlab.analyze import AnalyzeOptions
+
+    options = AnalyzeOptions(trace=True, eigenvalues=5, density=True, landscape=("1d", "2d"),
+                             samples=1000, seed=0, trace_matvecs=100,
+                             interpolate=(BASELINE, "nso"), device="cpu", progress=progress,
+                             command=command)
+    if quick:
+        options.samples, options.eigenvalues, options.trace_matvecs = 256, 3, 30
+        options.grid_points = 7
+    options.validate()
+    return options
+
+
+def analyze_command(run_dirs: Sequence[str], options, out: str | Path) -> str:
+    """The ``python -m flatlab.analyze`` command that computes the same analysis."""
+    args = [*run_dirs, "--trace", "--eigenvalues", str(options.eigenvalues), "--density"]
+    for kind in options.landscape:
+        args += ["--landscape", kind]
+    if options.grid_points is not None:
+        args += ["--grid-points", str(options.grid_points)]
+    args += ["--trace-matvecs", str(options.trace_matvecs), "--samples", str(options.samples),
+             "--seed", str(options.seed), "--device", options.device,
+             "--interpolate", *options.interpolate, "--out", str(out), "--baseline", BASELINE]
+    return "python -m flatlab.analyze " + shlex.join(args)
+
+
+def ensure_run(config, *, progress: bool = True) -> str:
+    """Train ``config`` into ``config.out`` unless a finished run with the same config is there.
+
+    Returns what happened: ``"reused"``, ``"resumed"`` or ``"trained"``. A run directory whose
+    config differs raises :class:`FlatlabError` and is left untouched.
+    """
+    from flatlab.checkpoint import CHECKPOINT_NAME, read_checkpoint
+    from flatlab.train import CONFIG_NAME, STATE_NAME, TrainConfig, train
+
+    run_dir = Path(config.out)
+    saved_path = run_dir / CONFIG_NAME
+    if not saved_path.is_file():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise FlatlabError(f"{run_dir} exists but holds no {CONFIG_NAME}; remove it or "
+                               f"choose another --out")
+        train(config, progress=progress)
+        return "trained"
+    saved = TrainConfig.from_toml(saved_path)
+    ignore = ("out", "device", "data_dir")
+    differ = [f"{key}: {getattr(saved, key)!r} there, {value!r} here"
+              for key, value in config.to_dict().items()
+              if key not in ignore and getattr(saved, key) != value]
+    if differ:
+        raise FlatlabError(f"{run_dir} holds a run with a different configuration "
+                           f"({'; '.join(differ)}); remove that directory or choose another "
+                           f"--out")
+    checkpoint = run_dir / CHECKPOINT_NAME
+    if checkpoint.is_file() and read_checkpoint(checkpoint)[1].get("epoch") == config.epochs:
+        return "reused"
+    if not (run_dir / STATE_NAME).is_file():
+        raise FlatlabError(f"{run_dir} holds an unfinished run without {STATE_NAME}; remove it "
+                           f"or choose another --out")
+    train(config, progress=progress, resume=True)
+    return "resumed"
+
+
+def run_demo(out: str | Path = DEFAULT_OUT, *, epochs: int | None = None, quick: bool = False,
+             progress: bool = True, command: str | None = None) -> Path:
+    """Train (or reuse) the three runs, analyse them, write the report; return index.html."""
+    from flatlab.analyze import ANALYSIS_JSON, SUMMARY_CSV, analyze, summary_csv
+    from flatlab.report import write_report
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FlatlabError(f"--out {str(out)!r} exists and is not a directory")
+    epochs = epochs or (QUICK_EPOCHS if quick else DEFAULT_EPOCHS)
+    configs = demo_configs(out, epochs=epochs)
+    command = command or "python -m flatlab.demo " + shlex.join(
+        ["--out", str(out), "--epochs", str(epochs)] + (["--quick"] if quick else []))
+    started = time.perf_counter()
+    for name, config in configs.items():
+        _say(f"[{time.perf_counter() - started:5.0f} s] {name}: {config.epochs} epochs in "
+             f"{config.out}")
+        what = ensure_run(config, progress=progress)
+        _say(f"[{time.perf_counter() - started:5.0f} s] {name}: {what}")
+    run_dirs = [config.out for config in configs.values()]
+    options = analysis_options(quick=quick, progress=progress)
+    options.command = analyze_command(run_dirs, options, out)
+    _say(f"[{time.perf_counter() - started:5.0f} s] analysing {', '.join(configs)} on "
+         f"{options.samples} training samples")
+    analysis = analyze(run_dirs, options)
+    atomic_write_text(out / ANALYSIS_JSON, json.dumps(analysis, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(out / SUMMARY_CSV, summary_csv(analysis))
+    index = write_report(analysis, out, baseline=BASELINE, command=command,
+                         title="flatlab demo: SGD vs SAM vs NSO on MNIST-1D")
+    _say(f"[{time.perf_counter() - started:5.0f} s] done")
+    return index
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="flatlab.demo",
+                       description="Train SGD, SAM and NSO on MNIST-1D, analyse their Hessians "
+                                   "and loss landscapes, and write an HTML/Markdown report.")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help=f"report directory; runs go to DIR/runs/ (default {DEFAULT_OUT})")
+    p.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help=f"epochs per run (default {DEFAULT_EPOCHS}, {QUICK_EPOCHS} with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: few epochs, small analysis budgets")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.epochs is not None and args.epochs < 1:
+        raise FlatlabError(f"--epochs must be a positive integer, got {args.epochs}")
+    command = "python -m flatlab.demo" + (" " + shlex.join(argv) if argv else "")
+    index = run_demo(args.out, epochs=args.epochs, quick=args.quick,
+                     progress=not args.no_progress, command=command)
+    print(f"report: {index} (also {index.with_name('report.md')})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main, prog="flatlab.demo"))
