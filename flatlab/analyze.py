@@ -693,7 +693,11 @@ def _main(args, options: AnalyzeOptions) -> int:
                            f"one of {', '.join(ck.name for ck in loaded)}")
     analysis = analyze(loaded, options)
     if distributed.is_main_process():
-        path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
+        try:
+            path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
+        except OSError as err:  # full disk, no permission: each file is whole or untouched
+            raise FlatlabError(f"cannot write to {str(out_dir)!r}: {err.strerror or err}") \
+                from None
         print(f"wrote {path}" + (f" and {out_dir / 'index.html'}" if report else ""))
     distributed.barrier()
     return 0

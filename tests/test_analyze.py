@@ -357,3 +357,34 @@ def test_two_processes_give_the_single_process_analysis(runs, tmp_path, capsys):
     one = json.loads((tmp_path / "one" / "analysis.json").read_text())
     two.pop("command"), one.pop("command")
     assert two == one
+
+
+FLAG_VOCABULARY = ["--trace", "--eigenvalues", "--density", "--landscape", "--samples", "--out",
+                   "--report", "--baseline", "--interpolate", "--trace-matvecs",
+                   "--trace-method", "--batch-size", "--seed", "--mode", "--device",
+                   "--data-dir", "--trust-pickle", "--grid-points", "--landscape-range", "--bn",
+                   "--no-progress", "--bogus", "-x", "--"]
+VALUE_VOCABULARY = ["0", "-1", "1", "3", "4", "all", "1d", "2d", "3d", "eval", "train", "nan",
+                    "inf", "1e9", "", "hutch++", "xtrace", "stored", "recompute", "cpu", "tpu",
+                    "runs/x", "é", "--samples=0", "--eigenvalues=2.5"]
+
+
+def test_random_flags_never_traceback():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from flatlab.errors import FlatlabError
+
+    parser = A.build_parser()
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.sampled_from(FLAG_VOCABULARY + VALUE_VOCABULARY), max_size=8))
+    def parse(argv):
+        try:
+            options = A.options_from_args(parser.parse_args(["ckpt"] + argv), argv)
+        except FlatlabError as err:
+            assert "\n" not in str(err)
+            return
+        options.validate()  # whatever parses is a valid set of options
+
+    parse()
