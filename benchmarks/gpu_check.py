@@ -1,0 +1,287 @@
+"""GPU path check: train -> analyze -> report on a device, CUDA results against CPU, timings.
+
+    python benchmarks/gpu_check.py [--device cuda|cpu|auto] [--out DIR] [--epochs 2]
+
+One short script (a few minutes) for a CUDA machine; it runs on CPU too (``--device cpu``):
+
+1. trains the default model on the default data (MNIST-1D, ``cnn1d``) with NSO for
+   ``--epochs`` epochs on the device (``--precision bf16`` trains under bfloat16 autocast);
+2. analyses the checkpoint on the device *and* on the CPU (loss, trace, top eigenvalues,
+   spectral density, a 1-D slice; float32 with TF32 off, float64 accumulation) and checks that
+   the numbers agree within ``--rtol`` (the same seeds give the same probe vectors, so the
+   results differ only by rounding);
+3. writes the analysis and its report (``DIR/analysis/index.html``);
+4. prints and writes (``DIR/gpu_check.csv``) a timing table on the device: milliseconds per
+   training step for each optimizer (fp32, and NSO under bf16 autocast), and one full-data
+   gradient, one Hessian-vector product and a block of 8 products, as ratios to the gradient.
+
+Exit status 0 when every check passes, 1 when one fails (each failure printed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flatlab.errors import ArgumentParser, run_cli
+from flatlab.io import atomic_write_text
+from flatlab.runtime import resolve_device
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "gpu_check"
+OPTIMIZERS = ("sgd", "sam", "asam", "rwp", "nso")
+COMPARED = ("loss", "accuracy", "trace", "eigenvalues", "landscape_1d", "density")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
+    fn()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def exact_float32() -> None:
+    """Full float32 matmuls and convolutions on CUDA (no TF32): analysis numbers must not
+    depend on the card's fast paths."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+
+
+# --------------------------------------------------------------------------- 1. train
+
+
+def train_checkpoint(device: torch.device, out: Path, epochs: int, precision: str) -> Path:
+    from flatlab.train import TrainConfig, train
+
+    fields = TrainConfig.__dataclass_fields__
+    extra = {"precision": precision} if "precision" in fields else {}
+    if precision != "fp32" and not extra:
+        raise SystemExit("this flatlab.train has no precision option")
+    config = TrainConfig(optimizer="nso", epochs=epochs, device=str(device),
+                         out=str(out / "run"), **extra)
+    result = train(config, progress=False)
+    return result.checkpoint
+
+
+# --------------------------------------------------------------------------- 2. analyse + compare
+
+
+def analyse(checkpoint: Path, device: torch.device, args) -> dict:
+    from flatlab.analyze import AnalyzeOptions, analyze
+
+    options = AnalyzeOptions(trace=True, eigenvalues=args.eigenvalues, density=True,
+                             landscape=("1d",), samples=args.samples,
+                             trace_matvecs=args.trace_matvecs, device=str(device),
+                             progress=False,
+                             command=f"python benchmarks/gpu_check.py --device {device.type}")
+    return analyze([checkpoint], options)
+
+
+def _flatten(value) -> list[float]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [x for key in sorted(value) for x in _flatten(value[key])]
+    if isinstance(value, list | tuple):
+        return [x for v in value for x in _flatten(v)]
+    return [float(value)]
+
+
+def compare(device_entry: dict, cpu_entry: dict, rtol: float) -> list[dict]:
+    """One row per compared quantity: the largest relative difference (to the largest
+    magnitude of the quantity, so values near 0 do not blow it up) and pass/fail."""
+    rows = []
+    for key in COMPARED:
+        a = device_entry.get(key)
+        b = cpu_entry.get(key)
+        if key == "landscape_1d" and a is not None:
+            a, b = a["loss"], b["loss"]
+        if key == "density" and a is not None:
+            a, b = a["density"], b["density"]
+        fa, fb = _flatten(a), _flatten(b)
+        if len(fa) != len(fb):
+            rows.append({"quantity": key, "max_rel_diff": math.inf, "ok": False})
+            continue
+        if not fa:
+            continue
+        scale = max(max(abs(x) for x in fb), 1e-12)
+        diff = max(abs(x - y) for x, y in zip(fa, fb, strict=True)) / scale
+        rows.append({"quantity": key, "max_rel_diff": diff, "ok": diff <= rtol})
+    return rows
+
+
+# --------------------------------------------------------------------------- 4. timings
+
+
+def step_timings(device: torch.device, args) -> list[dict]:
+    """Milliseconds per training step on one fixed batch, every optimizer, same model."""
+    from flatlab.data import load_dataset
+    from flatlab.models import build_model
+    from flatlab.optim import build_optimizer, gradient_evaluations_per_step
+
+    data = load_dataset("mnist1d")
+    x = data.x_train[: args.batch_size].to(device)
+    y = data.y_train[: args.batch_size].to(device)
+    loss_fn = nn.CrossEntropyLoss()
+    rows = []
+    variants = [(name, "fp32") for name in OPTIMIZERS] + [("nso", "bf16")]
+    for name, precision in variants:
+        torch.manual_seed(0)
+        model = build_model("cnn1d", data.input_shape, data.num_classes).to(device)
+        optimizer = build_optimizer(name, model.parameters(), lr=0.01, model=model)
+
+        def closure(model=model, optimizer=optimizer, precision=precision):
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16,
+                                enabled=precision == "bf16"):
+                out = model(x)
+            loss = loss_fn(out.float(), y)
+            loss.backward()
+            return loss
+
+        def step(optimizer=optimizer, closure=closure):
+            for _ in range(args.steps):
+                optimizer.step(closure)
+
+        seconds = median_seconds(step, device, args.repeats) / args.steps
+        rows.append({"what": f"step {name} {precision}",
+                     "passes": gradient_evaluations_per_step(optimizer),
+                     "ms": 1e3 * seconds})
+    sgd = rows[0]["ms"]
+    for row in rows:
+        row["ratio"] = row["ms"] / sgd
+    return rows
+
+
+def hessian_timings(checkpoint: Path, device: torch.device, args) -> list[dict]:
+    """One full-data gradient, one Hessian-vector product, one block of 8 products."""
+    from flatlab.analyze import SubsetBatches, sample_indices
+    from flatlab.checkpoint import load_dataset_for, load_model
+    from flatlab.hessian import HessianOperator
+
+    model, meta = load_model(checkpoint, device=device)
+    data = load_dataset_for(meta)
+    indices = sample_indices(len(data.y_train), args.samples, 0)
+    batches = list(SubsetBatches(data.x_train, data.y_train, indices, 256, device))
+    op = HessianOperator(model, nn.CrossEntropyLoss(), batches, mode="eval")
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(op.size, generator=gen, dtype=op.dtype).to(device)
+    block = torch.randn(op.size, 8, generator=gen, dtype=op.dtype).to(device)
+    gradient = median_seconds(op.loss_and_gradient, device, args.repeats)
+    product = median_seconds(lambda: op.matvec(v), device, args.repeats)
+    block8 = median_seconds(lambda: op.matvec(block), device, args.repeats)
+    return [
+        {"what": "full-data gradient", "passes": 1, "ms": 1e3 * gradient, "ratio": 1.0},
+        {"what": "Hessian product", "passes": 1, "ms": 1e3 * product,
+         "ratio": product / gradient},
+        {"what": "block of 8 products (per vector)", "passes": 8, "ms": 1e3 * block8 / 8,
+         "ratio": block8 / 8 / gradient},
+    ]
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = ArgumentParser(prog="gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (default auto)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                        help="training precision for step 1 (default fp32)")
+    parser.add_argument("--samples", type=int, default=1000, help="analysis samples")
+    parser.add_argument("--trace-matvecs", type=int, default=40)
+    parser.add_argument("--eigenvalues", type=int, default=3)
+    parser.add_argument("--rtol", type=float, default=1e-3,
+                        help="largest relative CPU/device difference accepted (default 1e-3)")
+    parser.add_argument("--batch-size", type=int, default=128, help="timed training batch")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per timing")
+    parser.add_argument("--repeats", type=int, default=5, help="timings per median")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    cpu = torch.device("cpu")
+    exact_float32()
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock: dict[str, float] = {}
+
+    def timed(label: str, fn: Callable[[], object]):
+        start = time.perf_counter()
+        value = fn()
+        synchronize(device)
+        clock[label] = time.perf_counter() - start
+        print(f"{label}: {clock[label]:.1f} s", file=sys.stderr, flush=True)
+        return value
+
+    run_dir = args.out / "run"
+    if run_dir.exists():  # a fresh run each time
+        for path in run_dir.iterdir():
+            path.unlink()
+    checkpoint = timed(f"train ({device.type})",
+                       lambda: train_checkpoint(device, args.out, args.epochs, args.precision))
+    on_device = timed(f"analyze ({device.type})", lambda: analyse(checkpoint, device, args))
+    on_cpu = (on_device if device == cpu
+              else timed("analyze (cpu)", lambda: analyse(checkpoint, cpu, args)))
+    from flatlab.analyze import write_outputs
+
+    timed("report", lambda: write_outputs(on_device, args.out / "analysis", report=True))
+    checks = compare(on_device["checkpoints"][0], on_cpu["checkpoints"][0], args.rtol)
+    timings = step_timings(device, args) + hessian_timings(checkpoint, device, args)
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"\ngpu_check on {device} ({name}), torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    print(f"\n{device.type} vs cpu on {checkpoint} (rtol {args.rtol:g})")
+    print(f"{'quantity':<14}{'max rel diff':>14}  ok")
+    for row in checks:
+        print(f"{row['quantity']:<14}{row['max_rel_diff']:>14.2e}  "
+              f"{'yes' if row['ok'] else 'NO'}")
+    print(f"\ntimings on {device} (median of {args.repeats})")
+    print(f"{'what':<36}{'passes':>7}{'ms':>10}{'ratio':>8}")
+    for row in timings:
+        print(f"{row['what']:<36}{row['passes']:>7}{row['ms']:>10.3f}{row['ratio']:>8.2f}")
+    print("(step ratios: to the SGD fp32 step; Hessian ratios: to one full-data gradient)")
+    print("\nwall clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()))
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=["section", "what", "passes", "ms", "ratio",
+                                                "max_rel_diff", "ok"], lineterminator="\n")
+    writer.writeheader()
+    for row in checks:
+        writer.writerow({"section": f"{device.type}_vs_cpu", "what": row["quantity"],
+                         "max_rel_diff": f"{row['max_rel_diff']:.3e}", "ok": row["ok"]})
+    for row in timings:
+        writer.writerow({"section": f"timing_{device.type}", "what": row["what"],
+                         "passes": row["passes"], "ms": f"{row['ms']:.4f}",
+                         "ratio": f"{row['ratio']:.3f}"})
+    atomic_write_text(args.out / "gpu_check.csv", buffer.getvalue())
+    print(f"wrote {args.out / 'gpu_check.csv'} and {args.out / 'analysis'}", file=sys.stderr)
+    failed = [row["quantity"] for row in checks if not row["ok"]]
+    if failed:
+        print(f"FAILED: {', '.join(failed)} differ between {device.type} and cpu",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main, prog="gpu_check"))
