@@ -333,30 +333,37 @@ def test_memory_does_not_grow_with_samples(tmp_path):
     assert growth < 12, f"peak RSS grew by {growth:.1f} MiB"
 
 
-def _analyze_on_rank(argv):
-    from flatlab import distributed
+def _analyze_counting_points(paths, options):
+    """``analyze`` plus the number of (point, pass over the data) evaluations this rank made."""
+    evaluated = [0]
+    sums = landscape._Evaluator.sums
 
-    code = run_cli(A.main, argv, prog="flatlab.analyze")
-    return code, distributed.rank()
+    def counting(self, coords, stacked):
+        evaluated[0] += coords.shape[0] if stacked else 1
+        return sums(self, coords, stacked)
+
+    landscape._Evaluator.sums = counting
+    try:
+        return A.analyze(paths, options), evaluated[0]
+    finally:
+        landscape._Evaluator.sums = sums
 
 
-def test_two_processes_give_the_single_process_analysis(runs, tmp_path, capsys):
-    """Under torchrun-like launch, landscape points are split across ranks and gathered; rank 0
-    alone writes, and the numbers equal the one-process run exactly."""
+def test_two_processes_give_the_single_process_analysis(runs):
+    """Under torchrun, loss, slice and interpolation points are split across ranks and gathered:
+    every rank ends with the numbers of the one-process run, exactly."""
     from flatlab.distributed import spawn
 
-    sgd, nso = runs
-    common = [str(sgd), str(nso), "--landscape", "1d", "--samples", "40", "--grid-points", "5",
-              "--interpolate", "sgd", "nso", "--no-progress"]
-    results = spawn(_analyze_on_rank, 2, args=(common + ["--out", str(tmp_path / "two")],),
-                    timeout=240)
-    assert sorted(results) == [(0, 0), (0, 1)]
-    code, _, err = _cli(common + ["--out", tmp_path / "one"], capsys)
-    assert code == 0, err
-    two = json.loads((tmp_path / "two" / "analysis.json").read_text())
-    one = json.loads((tmp_path / "one" / "analysis.json").read_text())
-    two.pop("command"), one.pop("command")
-    assert two == one
+    options = A.AnalyzeOptions(trace=False, eigenvalues=0, density=False, landscape=("1d",),
+                               samples=40, grid_points=5, interpolate=("sgd", "nso"),
+                               progress=False)
+    paths = [str(r) for r in runs]
+    (two_0, points_0), (two_1, points_1) = spawn(_analyze_counting_points, 2,
+                                                 args=(paths, options), timeout=240)
+    one, points = _analyze_counting_points(paths, options)
+    assert two_0 == one and two_1 == one
+    # 2 checkpoints x (1 loss point + 5 slice points) + 5 interpolation points, split in two
+    assert points == 17 and points_0 + points_1 == points and min(points_0, points_1) >= 6
 
 
 FLAG_VOCABULARY = ["--trace", "--eigenvalues", "--density", "--landscape", "--samples", "--out",
