@@ -256,17 +256,28 @@ _LOADERS: dict[str, Callable[..., _Arrays]] = {
 
 # --------------------------------------------------------------------------- CIFAR files
 
+def _latin1_bytes(text: Any, encoding: str = "latin1") -> bytes:
+    """The only use of ``_codecs.encode`` in a Python 3 protocol-2 pickle: bytes as latin-1 text."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refusing _codecs.encode other than str -> latin-1 bytes")
+    return text.encode("latin1")
+
+
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and plain Python values; any other global is refused unloaded."""
 
     _ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-    }
+        (prefix + module, name)
+        for prefix in ("numpy.core.", "numpy._core.")
+        for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"),
+                             ("numeric", "_frombuffer"))
+    } | {("numpy", "ndarray"), ("numpy", "dtype")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_bytes
         raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
 
 
