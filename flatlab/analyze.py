@@ -46,7 +46,8 @@ ANALYSIS_JSON = "analysis.json"
 SUMMARY_CSV = "summary.csv"
 PLOTS_DIR = "plots"  # the report owns figures/; per-checkpoint figures live under plots/<name>/
 LANDSCAPES = ("1d", "2d")
-TRACE_METHODS = ("hutch++", "hutchinson")
+TRACE_METHODS = ("hutch++", "hutchinson")  # as flatlab.hessian.TRACE_METHODS
+MIN_TRACE_MATVECS = {"hutch++": 4, "hutchinson": 2}
 DEFAULT_GRID = {"1d": 21, "2d": 11, "interpolation": 21}
 SUMMARY_COLUMNS = ("name", "optimizer", "epoch", "grad_evals", "test_acc", "train_loss", "loss",
                    "accuracy", "trace", "trace_stderr")
@@ -67,6 +68,8 @@ class AnalyzeOptions:
     trace_matvecs: int = 100
     trace_method: str = "hutch++"
     eigen_tol: float = 1e-4
+    density_runs: int = 4                # SLQ: independent Lanczos runs ...
+    density_steps: int = 64              # ... of this many steps each
     grid_points: int | None = None       # per axis; None: 21 (1-D, interpolation), 11 (2-D)
     landscape_range: float = 1.0         # alpha, beta in [-range, range]
     bn: str = "stored"                   # landscape BatchNorm statistics: stored | recompute
@@ -88,7 +91,10 @@ class AnalyzeOptions:
             positive_int("samples", self.samples)
         positive_int("seed", self.seed, 0)
         positive_int("batch_size", self.batch_size)
-        positive_int("trace_matvecs", self.trace_matvecs)
+        positive_int("trace_matvecs", self.trace_matvecs, MIN_TRACE_MATVECS.get(
+            self.trace_method, 1))
+        positive_int("density_runs", self.density_runs)
+        positive_int("density_steps", self.density_steps)
         if self.mode not in landscape.MODES:
             raise FlatlabError(f"mode must be one of {', '.join(landscape.MODES)}, "
                                f"got {self.mode!r}")
@@ -430,7 +436,8 @@ def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn
                 "eigen_converged": [bool(c) for c in _tolist(res.converged)],
                 "eigen_matvecs": int(res.matvecs)}
     if stage == "density":
-        res = hessian.spectral_density(op, seed=options.seed)
+        res = hessian.spectral_density(op, num_runs=options.density_runs,
+                                       num_steps=options.density_steps, seed=options.seed)
         return {"density": {"grid": _floats(res.grid), "density": _floats(res.density),
                             "nodes": _tolist(res.nodes), "weights": _tolist(res.weights)}}
     raise AssertionError(stage)
@@ -626,6 +633,10 @@ def build_parser() -> ArgumentParser:
     how.add_argument("--trace-matvecs", type=_int_at_least(1, "--trace-matvecs"), default=100,
                      metavar="M", help="Hessian-vector products for the trace (default 100)")
     how.add_argument("--trace-method", choices=TRACE_METHODS, default="hutch++")
+    how.add_argument("--density-runs", type=_int_at_least(1, "--density-runs"), default=4,
+                     metavar="R", help="stochastic Lanczos quadrature runs (default 4)")
+    how.add_argument("--density-steps", type=_int_at_least(1, "--density-steps"), default=64,
+                     metavar="S", help="Lanczos steps per density run (default 64)")
     how.add_argument("--grid-points", type=_int_at_least(3, "--grid-points"), metavar="N",
                      help="odd number of points per axis (default 21 1-D, 11 2-D)")
     how.add_argument("--landscape-range", type=_positive_float("--landscape-range"),
@@ -655,6 +666,7 @@ def options_from_args(args, argv: Sequence[str]) -> AnalyzeOptions:
     options = AnalyzeOptions(
         samples=args.samples, seed=args.seed, mode=args.mode, batch_size=args.batch_size,
         trace_matvecs=args.trace_matvecs, trace_method=args.trace_method,
+        density_runs=args.density_runs, density_steps=args.density_steps,
         grid_points=args.grid_points, landscape_range=args.landscape_range, bn=args.bn,
         interpolate=tuple(args.interpolate) if args.interpolate else None, device=args.device,
         data_dir=args.data_dir, trust_pickle=args.trust_pickle, progress=not args.no_progress,

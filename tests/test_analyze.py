@@ -90,6 +90,7 @@ def test_end_to_end_two_checkpoints_with_hessian(runs, tmp_path, capsys):
     code, stdout, err = _cli([sgd, nso, "--trace", "--eigenvalues", "2", "--density",
                               "--landscape", "1d", "--samples", "50", "--batch-size", "16",
                               "--trace-matvecs", "12", "--grid-points", "5",
+                              "--density-runs", "2", "--density-steps", "10",
                               "--interpolate", "sgd", "nso", "--out", out, "--no-progress"],
                              capsys)
     assert code == 0, err
@@ -203,6 +204,7 @@ def _bad_inputs(tmp_path, runs):
         "negative eigenvalues": [sgd, "--eigenvalues", "-1"],
         "given twice": [sgd, sgd / "model.safetensors"],
         "even grid": [sgd, "--grid-points", "4"],
+        "hutch++ budget": [sgd, "--trace", "--trace-matvecs", "3"],
         "bad mode": [sgd, "--mode", "test"],
         "interpolate unknown": [sgd, nso, "--interpolate", "sgd", "adam"],
         "baseline unknown": [sgd, nso, "--baseline", "adam"],
@@ -211,17 +213,21 @@ def _bad_inputs(tmp_path, runs):
     }
 
 
-@pytest.mark.parametrize("case", ["missing file", "corrupt checkpoint", "truncated checkpoint",
-                                  "unknown flag", "samples 0", "samples word",
-                                  "negative eigenvalues", "given twice", "even grid", "bad mode",
-                                  "interpolate unknown", "baseline unknown", "second missing",
-                                  "no checkpoint"])
+BAD_CASES = ("missing file", "corrupt checkpoint", "truncated checkpoint", "unknown flag",
+             "samples 0", "samples word", "negative eigenvalues", "given twice", "even grid",
+             "hutch++ budget", "bad mode", "interpolate unknown", "baseline unknown",
+             "second missing", "no checkpoint")
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, runs, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     before = b'{"previous": "analysis"}\n'
     (out / "analysis.json").write_bytes(before)
-    argv = _bad_inputs(tmp_path, runs)[case] + ["--out", out, "--no-progress"]
+    cases = _bad_inputs(tmp_path, runs)
+    assert set(cases) == set(BAD_CASES)
+    argv = cases[case] + ["--out", out, "--no-progress"]
     code, stdout, err = _cli(argv, capsys)
     assert code == 2
     assert len(err.strip().splitlines()) == 1, err
@@ -284,6 +290,11 @@ def test_defaults_when_nothing_is_chosen(runs):
                                                                              ("2d",))
     argv = [str(sgd), "--samples", "all"]
     assert A.options_from_args(parser.parse_args(argv), argv).samples is None
+
+
+def test_trace_methods_match_the_hessian_module():
+    hessian = _hessian()
+    assert A.TRACE_METHODS == hessian.TRACE_METHODS
 
 
 def test_sample_indices_are_seeded_distinct_and_clamped():
