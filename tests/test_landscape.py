@@ -361,24 +361,10 @@ def test_rejects_bad_arguments():
 # --------------------------------------------------------------------------- distributed
 
 
-def _distributed_slice():
-    model, data = _cnn_and_data(seed=11)
+def test_distributed_needs_a_process_group():
+    # the 2-process equality (points split across ranks, results gathered) is tested end to end
+    # in tests/test_analyze.py::test_two_processes_give_the_single_process_analysis
+    model, data = _cnn_and_data()
     d = L.random_direction(model, generator=torch.Generator().manual_seed(1))
-    out = L.slice_1d(model, nn.CrossEntropyLoss(), data, d, torch.linspace(-1, 1, 5),
-                     distributed=True, chunk_size=2, vectorize="vmap")
-    return {key: value.tolist() for key, value in out.items()}  # plain values cross processes
-
-
-def test_distributed_points_split_across_ranks_equal_single_process():
-    from flatlab.distributed import spawn
-
-    results = spawn(_distributed_slice, 2, timeout=120)
-    model, data = _cnn_and_data(seed=11)
-    d = L.random_direction(model, generator=torch.Generator().manual_seed(1))
-    ref = L.slice_1d(model, nn.CrossEntropyLoss(), data, d, torch.linspace(-1, 1, 5),
-                     chunk_size=2, vectorize="vmap")
-    for got in results:  # every rank holds every point, equal to one process's numbers
-        assert got["loss"] == ref["loss"].tolist()
-        assert got["accuracy"] == ref["accuracy"].tolist()
     with pytest.raises(ValueError, match="initialised"):
         L.slice_1d(model, nn.CrossEntropyLoss(), data, d, [0.0], distributed=True)
