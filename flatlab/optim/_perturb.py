@@ -12,7 +12,8 @@ between methods; everything else lives once in :class:`PerturbationOptimizer`:
 * one closure call per pass (LBFGS convention), its gradient added with a weight to a sum that
   becomes ``p.grad`` for the base step;
 * noise comes from the optimizer's own ``torch.Generator`` (data order, dropout and the global
-  RNG are untouched); its state travels in ``state_dict()`` as a uint8 tensor;
+  RNG are untouched; see ``_noise.py``); its state travels in ``state_dict()`` as a uint8
+  tensor;
 * with ``model=`` given: the model's buffers (BatchNorm running statistics) keep the values
   left by the *first* pass of each step; under ``DistributedDataParallel`` every pass runs in
   ``no_sync()`` and the summed gradient is averaged over ranks by one all-reduce per step.
@@ -29,38 +30,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatlab.optim._noise import NOISE_TYPES, mix_seed, scale_noise, standard_normals
+
+__all__ = ["NOISE_TYPES", "Closure", "PerturbationOptimizer"]
+
 Closure = Callable[[], Any]
-NOISE_TYPES = ("absolute", "filter")
 _DEFAULT_SEED_SALT = 0x5EED_F1A7  # keeps the seed=None noise stream apart from torch's own
-
-
-def mix_seed(seed: int, salt: int) -> int:
-    """A 63-bit seed from ``(seed, salt)`` (splitmix64 finaliser): deterministic, well spread."""
-    z = (seed * 0x9E3779B97F4A7C15 + salt + 0x632BE59BD9B4E019) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    return (z ^ (z >> 31)) >> 1
-
-
-def perturbation_noise(
-    weights: Tensor, sigma: float, noise: str, generator: torch.Generator
-) -> Tensor:
-    r"""One Gaussian draw ``U`` shaped like ``weights``.
-
-    * ``"absolute"``: :math:`U \sim \mathcal N(0, \sigma^2 I)`.
-    * ``"filter"``: for a tensor with two or more dimensions each output filter ``j`` (a slice
-      along dim 0, e.g. one row of a Linear weight or one output channel of a Conv kernel) gets
-      :math:`U_j \sim \mathcal N(0, (\sigma \lVert W_j \rVert_2)^2 I)`; a 0-D/1-D tensor (bias,
-      BatchNorm scale) is one filter: std :math:`\sigma \lVert W \rVert_2` for every element.
-    """
-    draw = torch.randn(weights.shape, generator=generator, device=generator.device,
-                       dtype=weights.dtype).to(weights.device)
-    if noise == "absolute":
-        return draw.mul_(sigma)
-    if weights.dim() < 2:
-        return draw.mul_(sigma * torch.linalg.vector_norm(weights))
-    norms = torch.linalg.vector_norm(weights.flatten(1), dim=1)
-    return draw.mul_(norms.mul_(sigma).view(-1, *([1] * (weights.dim() - 1))))
 
 
 class PerturbationOptimizer(Optimizer):
@@ -149,13 +124,19 @@ class PerturbationOptimizer(Optimizer):
     def _perturbation_step(self) -> Iterator[None]:
         self._params = [p for _, p in self._trainable()]
         self._saved = [p.detach().clone() for p in self._params]
+        self._at_saved = True  # the parameters hold exactly W
+        # sum_j w_j g_j is kept as w_1 * (g_1 + sum_{j>1} (w_j / w_1) g_j): no copy of g_1
         self._grad_sum: list[Tensor | None] = [None] * len(self._params)
+        self._sum_scale: float | None = None
         self._buffers = list(self.model.buffers()) if self.model is not None else []
         self._buffer_snapshot: list[Tensor] | None = None
         try:
             yield
             torch._foreach_copy_(self._params, self._saved)  # W exactly, also after errors
-            grads = self._average_over_ranks(self._grad_sum) if self._ddp else self._grad_sum
+            grads = self._grad_sum
+            if self._sum_scale is not None and self._sum_scale != 1.0:
+                torch._foreach_mul_([g for g in grads if g is not None], self._sum_scale)
+            grads = self._average_over_ranks(grads) if self._ddp else grads
             for p, g in zip(self._params, grads, strict=True):
                 p.grad = g
             self.base_optimizer.step()
@@ -163,7 +144,7 @@ class PerturbationOptimizer(Optimizer):
             torch._foreach_copy_(self._params, self._saved)
             raise
         finally:
-            self._saved = self._grad_sum = self._buffer_snapshot = None
+            self._saved = self._grad_sum = self._buffer_snapshot = self._sum_scale = None
             self._params, self._buffers = [], []
 
     def _saved_weights(self) -> list[Tensor]:
@@ -173,7 +154,9 @@ class PerturbationOptimizer(Optimizer):
 
     def _move_to(self, deltas: list[Tensor | None], sign: float = 1.0) -> None:
         """Set every parameter to ``W + sign * delta`` (``None`` delta: ``W``)."""
-        torch._foreach_copy_(self._params, self._saved)
+        if not self._at_saved:
+            torch._foreach_copy_(self._params, self._saved)
+        self._at_saved = False
         moved = [(p, d) for p, d in zip(self._params, deltas, strict=True) if d is not None]
         if moved:
             params, deltas = zip(*moved, strict=True)
@@ -192,14 +175,18 @@ class PerturbationOptimizer(Optimizer):
             else:
                 for buffer, value in zip(self._buffers, self._buffer_snapshot, strict=True):
                     buffer.copy_(value)
-        if weight != 0.0:
-            for i, p in enumerate(self._params):
-                if p.grad is None:
-                    continue
-                if self._grad_sum[i] is None:
-                    self._grad_sum[i] = p.grad.mul(weight)
-                else:
-                    self._grad_sum[i].add_(p.grad, alpha=weight)
+        if weight == 0.0:
+            return loss
+        if self._sum_scale is None:
+            self._sum_scale = weight
+        relative = weight / self._sum_scale
+        for i, p in enumerate(self._params):
+            if p.grad is None:
+                continue
+            if self._grad_sum[i] is None:  # take the fresh gradient over (it is reset anyway)
+                self._grad_sum[i] = p.grad if relative == 1.0 else p.grad.mul(relative)
+            else:
+                self._grad_sum[i].add_(p.grad, alpha=relative)
         return loss
 
     def _pass_gradients(self) -> list[Tensor | None]:
@@ -228,12 +215,11 @@ class PerturbationOptimizer(Optimizer):
         return out
 
     def _draw_noise(self) -> list[Tensor]:
-        """One draw per parameter from the group's ``sigma`` and ``noise`` (around ``W``)."""
+        """One draw per parameter from its group's ``sigma`` and ``noise`` (around ``W``)."""
         assert self.generator is not None and self._saved is not None
-        return [
-            perturbation_noise(w, group["sigma"], group["noise"], self.generator)
-            for (group, _), w in zip(self._trainable(), self._saved, strict=True)
-        ]
+        groups = [group for group, _ in self._trainable()]
+        return scale_noise(standard_normals(self.generator, self._saved), self._saved,
+                           [g["sigma"] for g in groups], [g["noise"] for g in groups])
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:

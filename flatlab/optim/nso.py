@@ -8,7 +8,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from flatlab.optim._perturb import NOISE_TYPES, Closure, PerturbationOptimizer
+from flatlab.optim._noise import check_sigma_and_noise
+from flatlab.optim._perturb import Closure, PerturbationOptimizer
 
 
 class NSO(PerturbationOptimizer):
@@ -84,10 +85,7 @@ class NSO(PerturbationOptimizer):
                          independent_noise=independent_noise)
 
     def _check_group(self, group: dict[str, Any]) -> None:
-        if not group["sigma"] >= 0.0:
-            raise ValueError(f"Invalid sigma: {group['sigma']!r} (must be >= 0)")
-        if group["noise"] not in NOISE_TYPES:
-            raise ValueError(f"Invalid noise: {group['noise']!r} (choose 'absolute' or 'filter')")
+        check_sigma_and_noise(group["sigma"], group["noise"])
 
     @property
     def gradient_evaluations(self) -> int:
