@@ -37,7 +37,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     try:
         code = main(argv)
     except FlatlabError as err:
-        msg = str(err)
+        # one line, whatever the message echoes back (user input can hold line breaks)
+        msg = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(err))
         if not msg.startswith(prog):
             msg = f"{prog}: error: {msg}"
         print(msg, file=sys.stderr)

@@ -25,3 +25,14 @@ def test_failed_write_keeps_previous_version(tmp_path):
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_run_cli_prints_one_line_even_for_multiline_messages(capsys):
+    from flatlab.errors import FlatlabError, run_cli
+
+    def main(argv):
+        raise FlatlabError("bad value 'a\nb'")
+
+    assert run_cli(main, [], prog="flatlab.x") == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("flatlab.x: error: bad value 'a\\nb'")
