@@ -1,0 +1,232 @@
+"""benchmarks/flatness_study.py: budget matching, aggregation math, and the whole pipeline on a
+tiny synthetic setting (sweep on a validation split -> final runs -> analysis -> report ->
+resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+torch.set_num_threads(1)
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flatness_study.py"
+
+
+def _load_study():
+    spec = importlib.util.spec_from_file_location("flatness_study", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_study()
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+def test_passes_per_step_come_from_the_library():
+    counts = {m.label: study.passes_per_step(m.optimizer, m.num_perturbs) for m in study.METHODS}
+    assert counts == {"sgd": 1, "sam": 2, "asam": 2, "rwp": 2, "nso k=1": 2, "nso k=2": 4}
+
+
+@pytest.mark.parametrize("epochs", [2, 4, 60])
+def test_budget_matching_gives_equal_gradient_evaluations(epochs):
+    variants = study.plan_variants(study.METHODS, epochs)
+    by_name = {v.name: v for v in variants}
+    assert sorted(by_name) == sorted(["sgd", "sgd (2E)", "sam", "asam", "rwp", "nso k=1",
+                                      "nso k=2", "nso k=2 (E/2)"])
+    matched = [v for v in variants if study.SAME_GRADS in v.budgets]
+    same_epochs = [v for v in variants if study.SAME_EPOCHS in v.budgets]
+    # every method once per comparison
+    assert sorted(v.method.label for v in matched) == sorted(m.label for m in study.METHODS)
+    assert sorted(v.method.label for v in same_epochs) == sorted(m.label for m in study.METHODS)
+    assert {v.passes_per_example for v in matched} == {2 * epochs}
+    assert {v.epochs for v in same_epochs} == {epochs}
+    assert by_name["sgd (2E)"].epochs == 2 * epochs
+    assert by_name["nso k=2 (E/2)"].epochs == epochs // 2
+    assert by_name["nso k=2"].passes_per_example == 4 * epochs
+
+
+def test_budget_that_cannot_be_matched_is_an_error():
+    with pytest.raises(study.FlatlabError, match="cannot match"):
+        study.plan_variants(study.METHODS, 3)  # NSO k=2 would need 1.5 epochs
+    assert study.matched_epochs(3, 1, 2) == 6
+    assert study.matched_epochs(6, 4, 2) == 3
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def _rows(values: dict[tuple[str, str], list[tuple[float, float, float]]]) -> pd.DataFrame:
+    """Final-run rows: (setting, variant) -> per seed (test_acc, trace, lambda_1)."""
+    info = {"sgd": ("sgd", True, "same epochs"),
+            "sam": ("sam", True, "same epochs;same gradient evaluations"),
+            "rwp": ("rwp", True, "same epochs;same gradient evaluations"),
+            "nso k=1": ("nso", False, "same epochs;same gradient evaluations")}
+    rows = []
+    for (setting, variant), seeds in values.items():
+        optimizer, baseline, budgets = info[variant]
+        for seed, (acc, tr, lam) in enumerate(seeds):
+            rows.append({"key": f"{setting}{variant}{seed}", "phase": "final", "status": "ok",
+                         "setting": setting, "variant": variant, "method": variant,
+                         "optimizer": optimizer, "baseline": baseline, "budgets": budgets,
+                         "hyperparameter": None, "hyper_value": None, "epochs": 4,
+                         "passes_per_step": 1 if optimizer == "sgd" else 2, "seed": seed,
+                         "grad_evals": 10, "test_acc": acc, "trace": tr, "lambda_1": lam,
+                         "train_loss": 0.1, "trace_stderr": 0.5, "lambda_1_converged": True})
+    return pd.DataFrame(rows)
+
+
+def test_summary_mean_and_sample_std():
+    rows = _rows({("a", "sgd"): [(0.80, 10.0, 2.0), (0.82, 14.0, 3.0), (0.84, 12.0, 4.0)],
+                  ("a", "nso k=1"): [(0.90, 7.0, 1.0), (0.86, 9.0, 1.5)]})
+    rows.loc[len(rows)] = dict(rows.iloc[0], key="x", status="diverged: nan", test_acc=0.0)
+    summary = study.summarize(rows).set_index("variant")
+    assert summary.loc["sgd", "n"] == 3 and summary.loc["nso k=1", "n"] == 2  # diverged left out
+    assert summary.loc["sgd", "test_acc_mean"] == pytest.approx(0.82, abs=1e-12)
+    assert summary.loc["sgd", "test_acc_std"] == pytest.approx(0.02, abs=1e-12)
+    assert summary.loc["sgd", "trace_std"] == pytest.approx(2.0, abs=1e-12)
+    assert summary.loc["nso k=1", "trace_mean"] == pytest.approx(8.0, abs=1e-12)
+    assert summary.loc["nso k=1", "lambda_1_std"] == pytest.approx(np.std([1.0, 1.5], ddof=1))
+
+
+def test_comparison_against_the_best_baseline_per_quantity():
+    rows = _rows({
+        # sam: best accuracy; rwp: lowest trace; sgd: lowest lambda_1 (same-epochs group only)
+        ("a", "sgd"): [(0.70, 30.0, 1.0), (0.72, 34.0, 1.2)],
+        ("a", "sam"): [(0.80, 20.0, 3.0), (0.84, 24.0, 3.4)],
+        ("a", "rwp"): [(0.78, 10.0, 2.0), (0.76, 14.0, 2.4)],
+        ("a", "nso k=1"): [(0.85, 9.0, 2.1), (0.83, 9.0, 1.9)],
+        ("b", "sgd"): [(0.5, 4.0, 1.0), (0.5, 4.0, 1.0)],
+        ("b", "sam"): [(0.6, 5.0, 2.0), (0.6, 5.0, 2.0)],
+        ("b", "rwp"): [(0.6, 6.0, 2.0), (0.6, 6.0, 2.0)],
+        ("b", "nso k=1"): [(0.7, 2.0, 3.0), (0.7, 2.0, 3.0)],
+    })
+    comparison = study.compare(study.summarize(rows))
+    key = ["setting", "budget", "nso", "quantity"]
+    c = comparison.set_index(key)
+    epochs = c.loc[("a", "same epochs", "nso k=1")]
+    assert epochs.loc["test_acc", "best_baseline"] == "sam"
+    assert epochs.loc["test_acc", "change"] == pytest.approx(100 * (0.84 - 0.82))  # points
+    assert epochs.loc["trace", "best_baseline"] == "rwp"
+    assert epochs.loc["trace", "change"] == pytest.approx((9.0 - 12.0) / 12.0)
+    assert epochs.loc["lambda_1", "best_baseline"] == "sgd"
+    assert epochs.loc["lambda_1", "change"] == pytest.approx((2.0 - 1.1) / 1.1)
+    assert epochs.loc["trace", "change_vs_sam"] == pytest.approx((9.0 - 22.0) / 22.0)
+    # Welch: nso trace std 0, rwp std sqrt(8) -> t = -3 / sqrt(8 / 2)
+    assert epochs.loc["trace", "t"] == pytest.approx(-3.0 / math.sqrt(8.0 / 2))
+    # sgd is not in the same-gradient-evaluations group: sam now has the lowest lambda_1
+    grads = c.loc[("a", "same gradient evaluations", "nso k=1")]
+    assert grads.loc["lambda_1", "best_baseline"] == "rwp"
+    assert grads.loc["lambda_1", "change"] == pytest.approx((2.0 - 2.2) / 2.2)
+    # zero spread on both sides: no t
+    assert math.isnan(c.loc[("b", "same epochs", "nso k=1", "trace"), "t"])
+    # mean over settings of the per-setting changes
+    mean = c.loc[("mean over 2 settings", "same epochs", "nso k=1", "trace")]
+    assert mean["change"] == pytest.approx(((9 - 12) / 12 + (2 - 4) / 4) / 2)
+    assert mean["change_vs_sam"] == pytest.approx(((9 - 22) / 22 + (2 - 5) / 5) / 2)
+
+
+def test_sweep_selection_takes_best_validation_accuracy_then_lower_loss():
+    rows = pd.DataFrame([
+        {"phase": "sweep", "status": "ok", "setting": "s", "optimizer": "sam",
+         "hyperparameter": "rho", "hyper_value": v, "epochs": 2, "test_acc": a, "test_loss": l}
+        for v, a, l in [(0.02, 0.7, 0.9), (0.05, 0.8, 0.6), (0.1, 0.8, 0.5)]]
+        + [{"phase": "sweep", "status": "diverged: nan", "setting": "s", "optimizer": "nso",
+            "hyperparameter": "sigma", "hyper_value": 0.5, "epochs": 2, "test_acc": 0.99,
+            "test_loss": 0.0},
+           {"phase": "sweep", "status": "ok", "setting": "s", "optimizer": "nso",
+            "hyperparameter": "sigma", "hyper_value": 0.01, "epochs": 2, "test_acc": 0.5,
+            "test_loss": 1.0}])
+    chosen, table = study.select_hyperparameters(rows)
+    assert chosen == {("s", "sam"): {"rho": 0.1}, ("s", "nso"): {"sigma": 0.01}}
+    assert table["chosen"].sum() == 2
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def _hessian_available() -> bool:
+    try:
+        from flatlab import hessian
+    except ImportError:
+        return False
+    return all(hasattr(hessian, n) for n in ("HessianOperator", "trace", "top_eigenvalues"))
+
+
+def tiny_study():
+    methods = tuple(m for m in study.METHODS if m.label in ("sgd", "sam", "nso k=1", "nso k=2"))
+    setting = study.Setting("synthetic-mlp", "synthetic", "mlp", epochs=2,
+                            dataset_kwargs={"train_size": 80, "test_size": 40,
+                                            "input_shape": [6], "num_classes": 3},
+                            model_kwargs={"hidden": [8]})
+    return study.StudyConfig(settings=(setting,), seeds=(0, 1), methods=methods,
+                             sweep={"sam": ("rho", (0.05,)), "nso": ("sigma", (0.01, 0.05))},
+                             batch_size=32, samples=24, trace_matvecs=6, landscape=())
+
+
+@pytest.mark.skipif(not _hessian_available(), reason="flatlab.hessian not available yet")
+def test_tiny_study_end_to_end_and_resume(tmp_path):
+    from flatlab.checkpoint import read_checkpoint
+
+    config = tiny_study()
+    out, runs_dir = tmp_path / "report", tmp_path / "runs"
+    messages: list[str] = []
+    result = study.run_study(config, out, runs_dir, command="TEST-COMMAND", say=messages.append)
+    rows = pd.read_csv(out / study.RESULTS_CSV)
+    assert (rows["status"] == "ok").all()
+
+    sweep = rows[rows["phase"] == "sweep"]
+    assert sorted(zip(sweep["optimizer"], sweep["hyper_value"], strict=True)) == [
+        ("nso", 0.01), ("nso", 0.05), ("sam", 0.05)]
+    assert (sweep["eval_split"] == "validation").all()
+    for run_name in sweep["run_name"]:  # trained and scored on the split held out of train
+        meta = read_checkpoint(runs_dir / run_name / "model.safetensors")[1]
+        assert meta["dataset"]["kwargs"]["validation_fraction"] == 0.2
+    best_nso = sweep[sweep["optimizer"] == "nso"].sort_values(
+        ["test_acc", "test_loss"], ascending=[False, True]).iloc[0]["hyper_value"]
+
+    final = rows[rows["phase"] == "final"]
+    assert len(final) == 6 * 2  # sgd, sgd (2E), sam, nso k=1, nso k=2, nso k=2 (E/2); 2 seeds
+    assert set(final.loc[final["optimizer"] == "nso", "hyper_value"]) == {best_nso}
+    steps_per_epoch = math.ceil(80 / 32)
+    evals = final.groupby("variant")["grad_evals"].agg(["min", "max"])
+    assert (evals["min"] == evals["max"]).all()  # same across seeds
+    matched = final[final["budgets"].str.contains(study.SAME_GRADS)]
+    assert set(matched["grad_evals"]) == {2 * 2 * steps_per_epoch}  # measured, not planned
+    assert evals.loc["sgd", "min"] == 2 * steps_per_epoch
+    assert evals.loc["nso k=2", "min"] == 4 * 2 * steps_per_epoch
+    assert final["trace"].notna().all() and final["lambda_1"].notna().all()
+
+    # summary.csv is the aggregate of results.csv
+    summary = pd.read_csv(out / study.SUMMARY_CSV).set_index("variant")
+    for variant, group in final.groupby("variant"):
+        for q in ("test_acc", "trace", "lambda_1"):
+            assert summary.loc[variant, f"{q}_mean"] == pytest.approx(group[q].mean(), rel=1e-6)
+            assert summary.loc[variant, f"{q}_std"] == pytest.approx(group[q].std(ddof=1),
+                                                                     rel=1e-6, abs=1e-9)
+    assert len(result.comparison) == 3 * 4  # 2 NSO variants per group x 2 groups x 3 quantities
+
+    report = (out / "report.md").read_text()
+    assert report.splitlines()[0].startswith("# ") and "TEST-COMMAND" in report[:300]
+    assert "TEST-COMMAND" in (out / "index.html").read_text()
+    assert (out / "figures" / "synthetic-mlp.png").stat().st_size > 0
+    assert (out / "synthetic-mlp" / "index.html").is_file()
+    record = json.loads(next((out / "analysis").glob("*.json")).read_text())
+    assert record["entry"]["trace"] is not None and record["metrics"]
+
+    # resumable: a second invocation trains nothing and keeps every row
+    before = (out / study.RESULTS_CSV).read_text()
+    messages.clear()
+    study.run_study(config, out, runs_dir, command="TEST-COMMAND", say=messages.append)
+    assert not any(m.startswith("[") for m in messages), messages
+    assert (out / study.RESULTS_CSV).read_text() == before
