@@ -333,16 +333,24 @@ def spawn(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence[Any] = 
             process.start()
         deadline = time.monotonic() + timeout
         try:
-            for _ in range(world_size):
-                left = deadline - time.monotonic()
+            received = 0
+            while received < world_size:
                 try:
-                    worker_rank, ok, value = messages.get(timeout=max(left, 0.01))
+                    worker_rank, ok, value = messages.get(timeout=0.2)
                 except queue_module.Empty:
-                    raise TimeoutError(f"spawned workers did not finish in {timeout:g} s") \
-                        from None
+                    dead = [r for r, p in enumerate(processes)
+                            if p.exitcode not in (None, 0)]
+                    if dead:  # died without reporting (killed, or failed to start)
+                        raise RuntimeError(f"rank {dead[0]} exited with code "
+                                           f"{processes[dead[0]].exitcode}") from None
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"spawned workers did not finish in {timeout:g} s") \
+                            from None
+                    continue
                 if not ok:
                     raise RuntimeError(f"rank {worker_rank} failed:\n{value}")
                 results[worker_rank] = value
+                received += 1
             for process in processes:
                 process.join(timeout=max(deadline - time.monotonic(), 1.0))
         finally:
