@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from flatlab.distributed import all_reduce_sum
 from flatlab.errors import FlatlabError
 
 __all__ = ["LinearOperator", "DenseOperator", "HessianOperator", "MODES", "BACKENDS"]
@@ -410,7 +411,7 @@ class HessianOperator:
         if not self.distributed:
             return total, count
         packed = torch.cat([total.reshape(-1), total.new_tensor([float(count)])])
-        torch.distributed.all_reduce(packed)
+        all_reduce_sum(packed)
         return packed[:-1].reshape(total.shape), int(round(packed[-1].item()))
 
     # ----------------------------------------------------------------- products
@@ -470,7 +471,10 @@ class HessianOperator:
         for x, y, n in self._iterate():
             for xc, yc, nc in self._chunks(x, y, n, b):
                 pieces = hvp(xc, yc, tangents)
-                total.add_(torch.cat([p.reshape(b, -1) for p in pieces], dim=1), alpha=nc)
+                # zeros for unused parameters may come back without the block dimension
+                flat = [p.expand(b, *s).reshape(b, -1) for p, s in zip(
+                    pieces, self.param_shapes, strict=True)]
+                total.add_(torch.cat(flat, dim=1), alpha=nc)
                 count += nc
         return total, count
 
