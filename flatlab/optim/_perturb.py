@@ -211,7 +211,7 @@ class PerturbationOptimizer(Optimizer):
         for p, any_rank in zip(self._params, flat[-len(tensors):].tolist(), strict=True):
             chunk = flat[offset: offset + p.numel()]
             offset += p.numel()
-            out.append(chunk.view_as(p).to(p.dtype).clone() if any_rank > 0 else None)
+            out.append(chunk.view_as(p).to(p.dtype) if any_rank > 0 else None)
         return out
 
     def _draw_noise(self) -> list[Tensor]:

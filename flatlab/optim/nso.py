@@ -108,7 +108,7 @@ class NSO(PerturbationOptimizer):
                     losses.append(self._evaluate(closure, weight))
         if clean_loss is not None:
             return clean_loss
-        if any(loss is None for loss in losses):
+        if any(loss is None for loss in losses):  # a closure that returns nothing
             return None
-        return sum(loss.detach() if torch.is_tensor(loss) else loss for loss in losses) / len(
-            losses)
+        perturbed = [loss.detach() if torch.is_tensor(loss) else loss for loss in losses]
+        return sum(perturbed) / len(perturbed)
