@@ -646,7 +646,8 @@ def plot_setting(summary: pd.DataFrame, setting: str):
         if q == "test_acc" and np.isfinite(means).any():
             low = np.nanmin(means - stds)
             ax.set_ylim(max(0.0, low - 0.5 * (np.nanmax(means + stds) - low) - 0.5), None)
-    fig.suptitle(f"{setting}: mean ± std over seeds (hatched: other epoch count)")
+    fig.suptitle(f"{setting}: mean ± std over seeds (hatching: // other epoch count than E, "
+                 f"xx NSO k=2 at E epochs = twice the passes)")
     return fig
 
 
