@@ -21,7 +21,8 @@ Every new vector is orthogonalised against the whole basis twice (classical Gram
 "twice is enough"), in float64, so no spurious copies of converged eigenvalues appear. If
 :math:`\\beta_m` vanishes the Krylov space is invariant; Lanczos then restarts with a random
 vector orthogonal to the basis (``T`` becomes block diagonal), which also lets it find repeated
-eigenvalues on small operators.
+eigenvalues on small operators. Lanczos does not stop right after such a breakdown, and after
+a restart the new block's own extreme Ritz value must converge as well.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
     q /= torch.linalg.vector_norm(q)
     alphas: list[float] = []
     betas: list[float] = []
-    steps = 0
+    steps = block_start = 0
     while True:
         if steps == basis.shape[1]:
             grown = torch.empty(size, min(2 * steps, budget), dtype=torch.float64, device=device)
@@ -136,14 +137,27 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
         wanted = (np.arange(len(theta))[::-1][:k] if which == "largest"
                   else np.arange(len(theta))[:k][::-1])
         scale = float(np.abs(theta).max())
-        residuals = beta * np.abs(vectors[-1, wanted])
-        converged = residuals <= tol * np.maximum(np.abs(theta[wanted]), floor * scale)
-        if (steps >= k and converged.all()) or steps >= budget:
+        all_residuals = beta * np.abs(vectors[-1])
+        bound = tol * np.maximum(np.abs(theta), floor * scale)
+        residuals, converged = all_residuals[wanted], all_residuals[wanted] <= bound[wanted]
+        if block_start > 0:
+            # After a restart, the current block's extreme Ritz value bounds the rest of the
+            # spectrum; it must converge too before the top k can be trusted.
+            inside = np.flatnonzero((vectors[block_start:] ** 2).sum(axis=0) > 0.5)
+            edge = inside[-1] if which == "largest" else inside[0]
+            converged_edge = all_residuals[edge] <= bound[edge]
+        else:
+            converged_edge = True
+        breakdown = beta <= _BREAKDOWN * max(scale, np.finfo(float).tiny)
+        if steps >= budget or (steps >= k and converged.all() and converged_edge
+                               and not breakdown):
             break
-        if beta <= _BREAKDOWN * max(scale, np.finfo(float).tiny):
-            # Invariant subspace: continue from a fresh direction orthogonal to the basis.
+        if breakdown:
+            # Invariant subspace: the rest of the spectrum lives in its orthogonal complement
+            # (repeated eigenvalues, small P). Continue from a fresh direction there.
             w = _orthogonalise(gaussian(size, 1, gen, device)[:, 0], basis[:, :steps])
             betas.append(0.0)
+            block_start = steps
             q = w / torch.linalg.vector_norm(w)
         else:
             betas.append(beta)

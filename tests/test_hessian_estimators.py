@@ -1,0 +1,273 @@
+"""trace / top_eigenvalues / spectral_density against exact answers (dense matrices and the
+exact Hessians of tiny models)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from test_hessian_operator import CE, exact_hessian, make_case, split
+
+from flatlab.errors import FlatlabError
+from flatlab.hessian import (
+    DenseOperator,
+    HessianOperator,
+    spectral_density,
+    top_eigenvalues,
+    trace,
+)
+from flatlab.hessian._common import generator, rademacher
+
+
+def random_symmetric(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """``U diag(eigenvalues) U^T`` with a random orthogonal ``U`` (float64)."""
+    size = eigenvalues.numel()
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=gen)).Q
+    matrix = basis @ torch.diag(eigenvalues.double()) @ basis.T
+    return (matrix + matrix.T) / 2
+
+
+class Counting:
+    """Wraps an operator and records the shape of every block passed to ``matvec``."""
+
+    def __init__(self, op) -> None:
+        self.op, self.calls = op, []
+        self.size, self.dtype, self.device = op.size, op.dtype, op.device
+        self.param_names = getattr(op, "param_names", None)
+        self.param_shapes = getattr(op, "param_shapes", None)
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        self.calls.append(tuple(v.shape))
+        return self.op.matvec(v)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is ~50x faster than two on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """``(HessianOperator, exact Hessian)`` of the tiny tanh MLP over three unequal batches."""
+    model, x, y = make_case("mlp")
+    return HessianOperator(model, CE, split(x, y)), exact_hessian(model, x, y)
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    model, x, y = make_case("cnn")
+    return HessianOperator(model, CE, split(x, y)), exact_hessian(model, x, y)
+
+
+@pytest.fixture(scope="module")
+def unused():
+    model, x, y = make_case("unused")
+    return HessianOperator(model, CE, split(x, y)), exact_hessian(model, x, y)
+
+
+# ------------------------------------------------------------------------------- eigenvalues
+@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("case", ["mlp", "cnn", "unused"])
+def test_top_eigenvalues_match_eigvalsh(case, which, request):
+    op, hessian = request.getfixturevalue(case)
+    exact = torch.linalg.eigvalsh(hessian)  # ascending
+    expected = exact.flip(0)[:5] if which == "largest" else exact[:5].flip(0)
+    result = top_eigenvalues(op, k=5, which=which, tol=1e-6, max_matvecs=op.size)
+    assert bool(result.converged.all())
+    assert torch.allclose(result.eigenvalues, expected, rtol=1e-4, atol=0)
+    assert bool((result.eigenvalues[:-1] >= result.eigenvalues[1:]).all())  # descending
+    vectors = result.eigenvectors
+    assert vectors.shape == (op.size, 5) and vectors.dtype == op.dtype
+    assert torch.allclose(vectors.T @ vectors, torch.eye(5, dtype=torch.float64), atol=1e-8)
+    # the reported residuals are the true ones: ||H x - theta x||
+    true = torch.linalg.vector_norm(hessian @ vectors - vectors * result.eigenvalues, dim=0)
+    assert torch.allclose(true, result.residuals, atol=1e-7 * float(exact.abs().max()))
+
+
+def test_smallest_eigenvalues_show_negative_curvature(mlp):
+    op, hessian = mlp
+    assert float(torch.linalg.eigvalsh(hessian)[0]) < 0  # tanh MLP away from a minimum
+    result = top_eigenvalues(op, k=2, which="smallest", max_matvecs=op.size)
+    assert float(result.eigenvalues[-1]) < 0
+
+
+def test_lanczos_converges_long_before_the_dimension():
+    spectrum = torch.cat([torch.tensor([100.0, 80.0, 65.0, 50.0, 42.0, 30.0]),
+                          torch.rand(994, generator=torch.Generator().manual_seed(0))])
+    op = Counting(DenseOperator(random_symmetric(spectrum)))
+    result = top_eigenvalues(op, k=5, tol=1e-4)
+    assert bool(result.converged.all())
+    assert result.matvecs == len(op.calls) < 60
+    assert torch.allclose(result.eigenvalues, spectrum[:5].double(), rtol=1e-6)
+    assert all(shape == (1000, 1) for shape in op.calls)
+
+
+def test_lanczos_converges_on_ritz_residuals_not_on_stagnation():
+    # tol is met exactly when every Ritz estimate is below tol * |theta|
+    spectrum = torch.linspace(1.0, 2.0, 300, dtype=torch.float64)
+    op = DenseOperator(random_symmetric(spectrum, seed=1))
+    with pytest.warns(UserWarning, match=r"did not converge.*lambda_1=.*residual"):
+        loose = top_eigenvalues(op, k=3, tol=1e-4, max_matvecs=10)
+    assert not bool(loose.converged.any()) and loose.matvecs == 10
+    assert bool((loose.residuals > 1e-4 * loose.eigenvalues.abs()).all())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tight = top_eigenvalues(op, k=3, tol=1e-4, max_matvecs=300)
+    assert bool((tight.residuals <= 1e-4 * tight.eigenvalues.abs()).all())
+    assert torch.allclose(tight.eigenvalues, spectrum.flip(0)[:3], rtol=1e-6)
+
+
+def test_lanczos_restarts_after_breakdown_and_finds_repeated_eigenvalues():
+    spectrum = torch.tensor([3.0, 3.0, 3.0, 2.0, 1.0, 1.0, 0.5, -1.0], dtype=torch.float64)
+    op = DenseOperator(random_symmetric(spectrum, seed=2))
+    result = top_eigenvalues(op, k=4)
+    assert torch.allclose(result.eigenvalues, spectrum[:4], atol=1e-10)
+    bottom = top_eigenvalues(op, k=3, which="smallest")
+    assert torch.allclose(bottom.eigenvalues, torch.tensor([1.0, 0.5, -1.0],
+                                                           dtype=torch.float64), atol=1e-10)
+
+
+def test_lanczos_is_reproducible_and_validates_arguments():
+    op = DenseOperator(random_symmetric(torch.linspace(0, 1, 50)))
+    first, second = (top_eigenvalues(op, k=2, seed=3) for _ in range(2))
+    assert torch.equal(first.eigenvectors, second.eigenvectors)
+    with pytest.raises(FlatlabError, match="k must be between 1 and the operator size 50"):
+        top_eigenvalues(op, k=51)
+    with pytest.raises(FlatlabError, match="which='middle'"):
+        top_eigenvalues(op, which="middle")
+    with pytest.raises(FlatlabError, match="not a linear operator"):
+        top_eigenvalues(torch.eye(3))
+
+
+# ------------------------------------------------------------------------------------- trace
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_trace_within_three_standard_errors(mlp, method):
+    op, hessian = mlp
+    result = trace(op, num_matvecs=60, method=method, seed=0)
+    exact = float(torch.trace(hessian))
+    assert result.num_matvecs == 60 and result.method == method
+    assert 0 < result.stderr < 0.5 * abs(exact)
+    assert abs(result.estimate - exact) <= 3 * result.stderr
+
+
+def test_hutchinson_stderr_shrinks_like_one_over_sqrt_m(mlp):
+    op = DenseOperator(mlp[1])
+    ratios = [trace(op, num_matvecs=16, method="hutchinson", seed=s).stderr
+              / trace(op, num_matvecs=64, method="hutchinson", seed=100 + s).stderr
+              for s in range(10)]
+    assert 1.6 < sum(ratios) / len(ratios) < 2.5  # sqrt(64 / 16) = 2
+
+
+def test_hutchpp_beats_hutchinson_at_equal_budget():
+    spectrum = torch.cat([torch.tensor([200.0, 150.0, 120.0, 100.0, 80.0]),
+                          torch.rand(295, generator=torch.Generator().manual_seed(0))])
+    op = DenseOperator(random_symmetric(spectrum))
+    exact = float(spectrum.sum())
+    errors = {method: [(trace(op, num_matvecs=30, method=method, seed=s).estimate - exact) ** 2
+                       for s in range(20)] for method in ("hutchinson", "hutch++")}
+    rmse = {m: math.sqrt(sum(e) / len(e)) for m, e in errors.items()}
+    assert rmse["hutch++"] < 0.1 * rmse["hutchinson"]
+
+
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+def test_per_parameter_traces_sum_to_the_total_and_are_unbiased(cnn, method):
+    op, hessian = cnn
+    result = trace(op, num_matvecs=90, method=method, seed=1)
+    assert list(result.per_param) == op.param_names
+    total = sum(estimate for estimate, _ in result.per_param.values())
+    assert total == pytest.approx(result.estimate, rel=1e-12, abs=1e-12)
+    rows = op.unflatten(torch.arange(op.size))
+    for name, (estimate, stderr) in result.per_param.items():
+        index = rows[name].reshape(-1)
+        block_trace = float(hessian[index][:, index].trace())
+        assert abs(estimate - block_trace) <= 4 * stderr + 1e-9 * abs(float(hessian.trace()))
+
+
+def test_hutchpp_per_parameter_split_is_exact_when_the_sketch_spans_everything(mlp):
+    op, hessian = mlp
+    result = trace(op, num_matvecs=3 * op.size, method="hutch++")
+    assert result.stderr == 0 and result.num_matvecs == 2 * op.size
+    assert result.estimate == pytest.approx(float(hessian.trace()), rel=1e-10)
+    rows = op.unflatten(torch.arange(op.size))
+    for name, (estimate, _) in result.per_param.items():
+        index = rows[name].reshape(-1)
+        assert estimate == pytest.approx(float(hessian[index][:, index].trace()), abs=1e-10)
+
+
+def test_trace_uses_blocks_and_seeded_probes():
+    op = Counting(DenseOperator(random_symmetric(torch.rand(100))))
+    first = trace(op, num_matvecs=20, method="hutchinson", block_size=8, seed=5)
+    assert [c[1] for c in op.calls] == [8, 8, 4]
+    assert first.samples.shape == (20,) and first.per_param == {}
+    assert trace(op, num_matvecs=20, method="hutchinson", seed=5).estimate == first.estimate
+    assert trace(op, num_matvecs=20, method="hutchinson", seed=6).estimate != first.estimate
+    op.calls.clear()
+    trace(op, num_matvecs=40, method="hutch++", block_size=8)
+    assert sum(c[1] for c in op.calls) == 40 and max(c[1] for c in op.calls) == 8
+    with pytest.raises(FlatlabError, match="hutch\\+\\+ needs num_matvecs >= 4"):
+        trace(op, num_matvecs=3)
+    with pytest.raises(FlatlabError, match="method='xtrace'"):
+        trace(op, method="xtrace")
+
+
+# ----------------------------------------------------------------------------------- density
+def test_density_integrates_to_one_and_its_mean_is_trace_over_p():
+    spectrum = torch.cat([torch.tensor([40.0, 25.0, 10.0]), torch.randn(397).abs()])
+    matrix = random_symmetric(spectrum, seed=3)
+    op = Counting(DenseOperator(matrix))
+    runs, steps = 24, 30
+    result = spectral_density(op, num_runs=runs, num_steps=steps, seed=7)
+    # one block call per step, all runs together
+    assert op.calls == [(400, runs)] * steps and result.matvecs == runs * steps
+    assert result.nodes.shape == result.weights.shape == (runs, steps)
+    assert torch.allclose(result.weights.sum(dim=1), torch.ones(runs, dtype=torch.float64))
+    assert float(torch.trapezoid(result.density, result.grid)) == pytest.approx(1.0, abs=1e-12)
+    grid_mean = float(torch.trapezoid(result.grid * result.density, result.grid))
+    assert grid_mean == pytest.approx(result.mean, abs=1e-6 * float(spectrum.max()))
+    # exact identity: the quadrature mean is Hutchinson's z^T H z / P on the same probes
+    probes = rademacher(400, runs, generator(7), torch.device("cpu"))
+    per_run = (probes * (matrix @ probes)).sum(dim=0) / 400
+    run_means = (result.weights * result.nodes).sum(dim=1)
+    assert torch.allclose(run_means, per_run, rtol=1e-10)
+    # and statistically it is tr(H) / P within three standard errors
+    stderr = float(per_run.std() / math.sqrt(runs))
+    assert abs(result.mean - float(spectrum.mean())) <= 3 * stderr
+
+
+def test_density_with_full_krylov_space_recovers_the_spectrum():
+    spectrum = torch.tensor([-2.0, -0.5, 0.1, 0.7, 1.0, 3.0, 4.5, 9.0], dtype=torch.float64)
+    op = DenseOperator(random_symmetric(spectrum, seed=4))
+    result = spectral_density(op, num_runs=3, num_steps=50, sigma=0.001)
+    assert result.nodes.shape == (3, 8)
+    for r in range(3):
+        assert torch.allclose(result.nodes[r].sort().values, spectrum, atol=1e-9)
+    peak = result.grid[result.density.argmax()]
+    assert min(abs(float(peak) - float(s)) for s in spectrum) < 0.05
+
+
+def test_density_stops_runs_whose_krylov_space_is_invariant():
+    spectrum = torch.tensor([1.0, 1.0, 1.0, 5.0, 5.0, 5.0], dtype=torch.float64)
+    result = spectral_density(DenseOperator(random_symmetric(spectrum)), num_runs=2,
+                              num_steps=6)
+    heavy = result.weights > 1e-12
+    assert int(heavy.sum(dim=1).max()) == 2  # two distinct eigenvalues, then breakdown
+    distance = torch.minimum((result.nodes[heavy] - 1).abs(), (result.nodes[heavy] - 5).abs())
+    assert float(distance.max()) < 1e-10
+    assert torch.isfinite(result.density).all()
+
+
+def test_density_of_a_hessian_operator(mlp):
+    op, hessian = mlp
+    result = spectral_density(op, num_runs=4, num_steps=20, grid_size=200)
+    assert result.grid.shape == result.density.shape == (200,)
+    exact = torch.linalg.eigvalsh(hessian)
+    assert float(result.nodes.min()) >= float(exact[0]) - 1e-8
+    assert float(result.nodes.max()) <= float(exact[-1]) + 1e-8
+    assert float(result.nodes.max()) == pytest.approx(float(exact[-1]), rel=1e-6)
