@@ -479,6 +479,24 @@ def _jsonable(obj: Any) -> Any:
 # --------------------------------------------------------------------------- outputs
 
 
+def dumps_json(obj: Any, indent: str = "  ", _level: int = 0) -> str:
+    """JSON with objects indented and every list of numbers on one line (a 1000-point density
+    stays one line, not 1000). NaN is refused: run :func:`_jsonable` first."""
+    pad, inner = indent * _level, indent * (_level + 1)
+    if isinstance(obj, Mapping) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps_json(v, indent, _level + 1)}"
+                 for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and any(isinstance(v, Mapping | list) and v for v in obj):
+        if all(isinstance(v, list) and not any(isinstance(w, Mapping | list) for w in v)
+               for v in obj):  # a matrix: one row per line
+            rows = [inner + json.dumps(v, allow_nan=False) for v in obj]
+        else:
+            rows = [inner + dumps_json(v, indent, _level + 1) for v in obj]
+        return "[\n" + ",\n".join(rows) + "\n" + pad + "]"
+    return json.dumps(obj, allow_nan=False)
+
+
 def summary_rows(analysis: Mapping) -> list[dict]:
     """``summary.csv`` rows: one per checkpoint, ``lambda_1..lambda_k`` for the top-k."""
     k = max((len(ck.get("eigenvalues") or []) for ck in analysis["checkpoints"]), default=0)
@@ -548,7 +566,7 @@ def write_outputs(analysis: Mapping, out_dir: str | Path, *, report: bool = Fals
     write_figures(analysis, out_dir)
     atomic_write_text(out_dir / SUMMARY_CSV, summary_csv(analysis))
     path = out_dir / ANALYSIS_JSON
-    atomic_write_text(path, json.dumps(analysis, indent=1, allow_nan=False) + "\n")
+    atomic_write_text(path, dumps_json(analysis) + "\n")
     if report:
         from flatlab.report import write_report
 
