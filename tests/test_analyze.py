@@ -363,19 +363,35 @@ def _analyze_counting_points(paths, options):
         landscape._Evaluator.sums = sums
 
 
+def _split_trace(analysis):
+    """The analysis without its trace numbers, and those numbers as one flat list."""
+    numbers = []
+    for ck in analysis["checkpoints"]:
+        numbers += [ck.pop("trace"), ck.pop("trace_stderr")]
+        for layer in ck.pop("trace_per_layer").values():
+            numbers += [layer["estimate"], layer["stderr"]]
+    return analysis, numbers
+
+
 def test_two_processes_give_the_single_process_analysis(runs):
-    """Under torchrun, loss, slice and interpolation points are split across ranks and gathered:
-    every rank ends with the numbers of the one-process run, exactly."""
+    """Under torchrun, loss, slice and interpolation points are split across ranks and gathered
+    (every rank ends with the one-process numbers, exactly); the samples are sharded for the
+    Hessian, whose products are all-reduced (equal up to float32 summation order)."""
     from flatlab.distributed import spawn
 
-    options = A.AnalyzeOptions(trace=False, eigenvalues=0, density=False, landscape=("1d",),
-                               samples=40, grid_points=5, interpolate=("sgd", "nso"),
-                               progress=False)
+    _hessian()
+    options = A.AnalyzeOptions(trace=True, trace_matvecs=8, eigenvalues=0, density=False,
+                               landscape=("1d",), samples=40, grid_points=5,
+                               interpolate=("sgd", "nso"), progress=False)
     paths = [str(r) for r in runs]
     (two_0, points_0), (two_1, points_1) = spawn(_analyze_counting_points, 2,
                                                  args=(paths, options), timeout=240)
     one, points = _analyze_counting_points(paths, options)
-    assert two_0 == one and two_1 == one
+    one, one_trace = _split_trace(one)
+    for two in (two_0, two_1):
+        two, two_trace = _split_trace(two)
+        assert two == one
+        assert two_trace == pytest.approx(one_trace, rel=1e-5)  # float32 sums, another order
     # 2 checkpoints x (1 loss point + 5 slice points) + 5 interpolation points, split in two
     assert points == 17 and points_0 + points_1 == points and min(points_0, points_1) >= 6
 
