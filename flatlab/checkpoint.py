@@ -243,22 +243,32 @@ def _hashable(key: Any) -> Any:
 # --------------------------------------------------------------------------- file level
 
 _PICKLE_MAGIC = (b"PK\x03\x04", b"\x80")  # torch.save zip archive; raw pickle protocol >= 2
+_MAX_HEADER = 100_000_000  # safetensors' own limit on the JSON header
 
 
 def _sniff(path: Path) -> str:
-    """``"safetensors"``, ``"pickle"``, or a FlatlabError for anything else."""
+    """``"safetensors"``, ``"pickle"``, or a FlatlabError for anything else.
+
+    A safetensors file is an 8-byte little-endian header length, then that many bytes of JSON
+    object; it is recognised by that structure first, since its first byte may well be 0x80.
+    """
     with open(path, "rb") as fh:
         head = fh.read(9)
         size = os.fstat(fh.fileno()).st_size
+        if len(head) == 9 and head[8:9] == b"{":
+            (header_len,) = struct.unpack("<Q", head[:8])
+            if header_len <= min(size - 8, _MAX_HEADER):
+                fh.seek(8)
+                try:
+                    if isinstance(json.loads(fh.read(header_len)), dict):
+                        return "safetensors"
+                except (ValueError, RecursionError):
+                    pass
     if any(head.startswith(magic) for magic in _PICKLE_MAGIC):
         return "pickle"
     if len(head) < 9:
         raise FlatlabError(f"{path} is not a safetensors file (only {size} bytes: truncated?)")
-    (header_len,) = struct.unpack("<Q", head[:8])
-    if head[8:9] != b"{" or header_len > size - 8:
-        raise FlatlabError(f"{path} is not a safetensors file (bad header: truncated or "
-                           f"corrupted)")
-    return "safetensors"
+    raise FlatlabError(f"{path} is not a safetensors file (bad header: truncated or corrupted)")
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -81,6 +81,19 @@ def test_buffers_are_saved(tmp_path):
     assert any("running_mean" in k for k in loaded.state_dict())
 
 
+def test_header_length_byte_0x80_is_not_mistaken_for_pickle(tmp_path):
+    path = tmp_path / "m.safetensors"
+    for pad in range(300):  # pad the JSON header until its length's low byte is 0x80
+        save_checkpoint(path, _model(), {"run_name": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        pytest.fail("no padding gave a header length with low byte 0x80")
+    state, meta = read_checkpoint(path)
+    assert meta["run_name"] == "x" * pad
+    _equal_states(state, _model().state_dict())
+
+
 def test_missing_paths(tmp_path):
     with pytest.raises(FlatlabError, match="does not exist"):
         read_checkpoint(tmp_path / "nope.safetensors")
