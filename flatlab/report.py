@@ -85,7 +85,7 @@ def summary_table(analysis: Mapping, baseline: str | None = None) -> pd.DataFram
         row = {
             "name": ck["name"],
             "optimizer": _method(ck),
-            "hyperparameters": format_hyperparameters((ck.get("optimizer") or {}).get("kwargs")),
+            "hyperparameters": format_hyperparameters(_kwargs(ck)),
             "epoch": ck.get("epoch"),
             "grad_evals": ck.get("grad_evals"),
             "test_acc": test_acc,
@@ -116,12 +116,14 @@ def display_table(table: pd.DataFrame, analysis: Mapping) -> pd.DataFrame:
     """The summary table as formatted strings (what the HTML and Markdown pages show)."""
     converged = {ck["name"]: list(ck.get("eigen_converged") or [])
                  for ck in analysis["checkpoints"]}
+    shared = shared_hyperparameters(analysis["checkpoints"])
     lambdas = [c for c in table.columns if c.startswith("lambda_")]
     out = pd.DataFrame({
         "checkpoint": [name + (" (baseline)" if is_base else "")
                        for name, is_base in zip(table["name"], table["baseline"], strict=True)],
         "method": table["optimizer"],
-        "hyperparameters": table["hyperparameters"],
+        "hyperparameters": [format_hyperparameters(_kwargs(ck), skip=shared)
+                            for ck in analysis["checkpoints"]],
         "epochs": [_fmt_int(v) for v in table["epoch"]],
         "grad evals": [_fmt_int(v) for v in table["grad_evals"]],
         "test acc (%)": [_fmt_pct(v) for v in table["test_acc"]],
@@ -154,12 +156,21 @@ def markdown_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def format_hyperparameters(kwargs: Mapping | None) -> str:
-    """``{"lr": 0.1, "rho": 0.05}`` -> ``"lr=0.1, rho=0.05"`` (sorted, ``None`` values dropped)."""
-    if not kwargs:
-        return ""
-    return ", ".join(f"{key}={_fmt_value(value)}" for key, value in sorted(kwargs.items())
-                     if value is not None)
+def format_hyperparameters(kwargs: Mapping | None, skip: Mapping | None = None) -> str:
+    """``{"lr": 0.1, "rho": 0.05}`` -> ``"lr=0.1, rho=0.05"`` (sorted; ``None`` values and the
+    keys in ``skip`` dropped)."""
+    return ", ".join(f"{key}={_fmt_value(value)}" for key, value in sorted((kwargs or {}).items())
+                     if value is not None and key not in (skip or {}))
+
+
+def shared_hyperparameters(checkpoints: Sequence[Mapping]) -> dict:
+    """Optimizer settings equal in every checkpoint (empty for a single checkpoint): the table
+    shows them once, above it, and each row only what differs."""
+    if len(checkpoints) < 2:
+        return {}
+    first, *rest = [_kwargs(ck) for ck in checkpoints]
+    return {key: value for key, value in first.items()
+            if value is not None and all(key in kw and kw[key] == value for kw in rest)}
 
 
 # --------------------------------------------------------------------------- figures
@@ -469,7 +480,7 @@ def _render_html(*, title, command, base_name, shown, drawn, provenance, configs
              f"<h1>{e(title)}</h1>\n"]
     if command:
         parts.append(f"<p>Regenerate with: <code>{e(command)}</code></p>\n")
-    parts.append(f"<h2>Summary</h2>\n<p>{e(_summary_note(base_name))}</p>\n")
+    parts.append(f"<h2>Summary</h2>\n<p>{e(_summary_note(base_name, analysis))}</p>\n")
     parts.append(shown.to_html(index=False, border=0, classes="summary", na_rep=MISSING) + "\n")
     parts.append(f"<p>Also as CSV (full precision): "
                  f"<a href=\"{SUMMARY_CSV}\">{SUMMARY_CSV}</a></p>\n")
@@ -491,7 +502,8 @@ def _render_markdown(*, title, command, base_name, shown, drawn, provenance, con
     parts = [f"# {title}\n\n"]
     if command:
         parts.append(f"Regenerate with: `{command}`\n\n")
-    parts.append(f"## Summary\n\n{_summary_note(base_name)}\n\n{markdown_table(shown)}\n\n"
+    parts.append(f"## Summary\n\n{_summary_note(base_name, analysis)}\n\n"
+                 f"{markdown_table(shown)}\n\n"
                  f"Also as CSV (full precision): [{SUMMARY_CSV}]({SUMMARY_CSV})\n\n")
     for heading, rel, caption in drawn:
         parts.append(f"## {heading}\n\n![{heading}]({rel})\n\n{caption}\n\n")
@@ -503,12 +515,14 @@ def _render_markdown(*, title, command, base_name, shown, drawn, provenance, con
     return "".join(parts)
 
 
-def _summary_note(base_name: str) -> str:
-    return (f"Baseline: {base_name}. Test accuracy, train loss and the gap (train acc − test acc, "
-            "percentage points) come from each checkpoint's own final metrics; trace and "
-            "eigenvalues are of the full Hessian on the analysis samples. Δ columns are relative "
-            "changes (x − baseline) / |baseline|. λ values marked * did not converge "
-            "(Ritz residual above tolerance).")
+def _summary_note(base_name: str, analysis: Mapping) -> str:
+    shared = format_hyperparameters(shared_hyperparameters(analysis["checkpoints"]))
+    shared = f"Settings shared by every run: {shared}. " if shared else ""
+    return (f"Baseline: {base_name}. {shared}Test accuracy, train loss and the gap "
+            "(train acc − test acc, percentage points) come from each checkpoint's own final "
+            "metrics; trace and eigenvalues are of the full Hessian on the analysis samples. "
+            "Δ columns are relative changes (x − baseline) / |baseline|. "
+            "λ values marked * did not converge (Ritz residual above tolerance).")
 
 
 def _made_items(command: str | None, analysis: Mapping) -> list[tuple[str, str]]:
@@ -527,6 +541,10 @@ def _made_items(command: str | None, analysis: Mapping) -> list[tuple[str, str]]
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _kwargs(ck: Mapping) -> dict:
+    return dict((ck.get("optimizer") or {}).get("kwargs") or {})
+
 
 def _method(ck: Mapping) -> str:
     return str((ck.get("optimizer") or {}).get("name", "")).lower()

@@ -158,6 +158,8 @@ def test_csv_holds_exactly_the_analysis_numbers(full_report):
     for ck in analysis["checkpoints"]:
         row = table.loc[ck["name"]]
         assert row["optimizer"] == ck["optimizer"]["name"]
+        assert row["hyperparameters"] == ", ".join(
+            f"{k}={v:g}" for k, v in sorted(ck["optimizer"]["kwargs"].items()))
         assert row["epoch"] == ck["epoch"] and row["grad_evals"] == ck["grad_evals"]
         for key in ("test_acc", "train_acc", "train_loss", "test_loss"):
             assert row[key] == ck["metrics"][key]
@@ -209,7 +211,11 @@ def test_displayed_numbers_and_markdown_table_match_html(full_report):
     shown = summary_rows(tmp_path / "index.html")
     nso = shown["nso"]
     assert nso["method"] == "nso"
-    assert nso["hyperparameters"] == "lr=0.1, momentum=0.9, num_perturbs=1, sigma=0.01"
+    # settings common to all runs are stated once above the table, rows show what differs
+    assert nso["hyperparameters"] == "num_perturbs=1, sigma=0.01"
+    assert shown["sgd"]["hyperparameters"] == "" and shown["sam"]["hyperparameters"] == "rho=0.05"
+    assert "Settings shared by every run: lr=0.1, momentum=0.9." in (
+        tmp_path / "report.md").read_text(encoding="utf-8")
     assert (nso["epochs"], nso["grad evals"]) == ("5", "3000")
     assert (nso["test acc (%)"], nso["train loss"], nso["gap (pts)"]) == ("81.25", "0.375", "6.25")
     assert nso["trace ± s.e."] == "100 ± 2"
@@ -242,6 +248,8 @@ def test_single_checkpoint_report(tmp_path):
     rows = summary_rows(tmp_path / "index.html")
     assert list(rows) == ["nso"]
     assert rows["nso"]["Δ trace"] == "+0.0%" and rows["nso"]["test acc (%)"] == "81.25"
+    assert rows["nso"]["hyperparameters"] == "lr=0.1, momentum=0.9, num_perturbs=1, sigma=0.01"
+    assert "Settings shared" not in (tmp_path / "report.md").read_text(encoding="utf-8")
     assert "interpolation.png" not in " ".join(parse_page(tmp_path / "index.html").images)
 
 
@@ -325,3 +333,44 @@ def test_relative_change_and_markdown_table():
     assert relative_change(math.nan, 1.0) is None
     frame = pd.DataFrame({"a": ["x|y"], "b": ["1"]})
     assert markdown_table(frame) == "| a | b |\n|---|---|\n| x\\|y | 1 |"
+
+
+def test_demo_quick_end_to_end_reuses_runs_and_refuses_other_configs(tmp_path, monkeypatch,
+                                                                      capsys):
+    import json
+
+    from flatlab.demo import main
+    from flatlab.errors import run_cli
+
+    monkeypatch.chdir(tmp_path)
+    argv = ["--out", "demo", "--quick", "--epochs", "1", "--no-progress"]
+    assert run_cli(main, argv, prog="flatlab.demo") == 0
+    out = tmp_path / "demo"
+    assert "report: demo/index.html" in capsys.readouterr().out
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert [ck["name"] for ck in analysis["checkpoints"]] == ["sgd", "sam", "nso"]
+    assert [ck["run_dir"] for ck in analysis["checkpoints"]] == [
+        "demo/runs/sgd", "demo/runs/sam", "demo/runs/nso"]
+    table = pd.read_csv(out / SUMMARY_CSV).set_index("name")
+    for ck in analysis["checkpoints"]:
+        assert table.loc[ck["name"], "trace"] == ck["trace"]
+        assert table.loc[ck["name"], "test_acc"] == ck["metrics"]["test_acc"]
+    assert table["baseline"].to_dict() == {"sgd": True, "sam": False, "nso": False}
+    page = parse_page(out / "index.html")
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*.png")} | {
+        p.relative_to(out).as_posix() for p in (out / "figures").glob("*.png")}
+    assert on_disk == set(page.images) and "figures/training_curves.png" in on_disk
+    html_text = (out / "index.html").read_text(encoding="utf-8")
+    top = html_text[: html_text.index("<h2>")]
+    assert "python -m flatlab.demo --out demo --quick --epochs 1 --no-progress" in top
+
+    models = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/model.safetensors")}
+    assert len(models) == 3
+    assert run_cli(main, argv, prog="flatlab.demo") == 0  # finished runs are reused
+    assert {p: p.stat().st_mtime_ns for p in models} == models
+    assert "sgd: reused" in capsys.readouterr().err
+
+    assert run_cli(main, [*argv[:3], "--epochs", "2"], prog="flatlab.demo") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("flatlab.demo: error:") and "epochs: 1 there, 2 here" in err
+    assert {p: p.stat().st_mtime_ns for p in models} == models
