@@ -12,6 +12,11 @@ from flatlab.hessian import HessianOperator
 
 BATCH_SIZES = (7, 3, 10)  # unequal on purpose: weights must be n_b / N
 CE = nn.CrossEntropyLoss()
+# the three ways to form products: streamed forward-over-reverse, streamed double backward,
+# and double backward from cached graphs
+PATHS = {"forward": {"backend": "forward", "cache": False},
+         "double_backward": {"backend": "double_backward", "cache": False},
+         "cached": {"backend": "double_backward", "cache": True}}
 
 
 class WithUnused(nn.Module):
@@ -117,12 +122,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b))
 
 
-@pytest.mark.parametrize("backend", ["forward", "double_backward"])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("name", ["mlp", "cnn", "unused"])
-def test_matvec_single_and_block_match_exact_hessian(name, backend):
+def test_matvec_single_and_block_match_exact_hessian(name, path):
     model, x, y = make_case(name)
     hessian = exact_hessian(model, x, y)
-    op = HessianOperator(model, CE, split(x, y), backend=backend)
+    op = HessianOperator(model, CE, split(x, y), **PATHS[path])
     assert op.size == hessian.shape[0] == sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(op.size, dtype=torch.float64, generator=gen)
@@ -134,6 +139,7 @@ def test_matvec_single_and_block_match_exact_hessian(name, backend):
     assert product.shape == block.shape
     assert rel_err(product, hessian @ block) < 1e-10
     assert op.num_matvecs == 5
+    assert op.cached == (path == "cached")
 
 
 def test_unused_parameters_give_zero_rows():
@@ -183,8 +189,10 @@ def test_float32_model_accumulates_in_float64_and_returns_input_dtype():
 def test_chunked_products_equal_unchunked(backend):
     model, x, y = make_case("cnn")
     v = torch.randn(sum(p.numel() for p in model.parameters()), 3, dtype=torch.float64)
-    whole = HessianOperator(model, CE, split(x, y), chunk_size=None, backend=backend).matvec(v)
-    chunked = HessianOperator(model, CE, split(x, y), chunk_size=2, backend=backend).matvec(v)
+    whole = HessianOperator(model, CE, split(x, y), chunk_size=None, backend=backend,
+                            cache=False).matvec(v)
+    chunked = HessianOperator(model, CE, split(x, y), chunk_size=2, backend=backend,
+                              cache=False).matvec(v)
     assert rel_err(chunked, whole) < 1e-12
 
 
@@ -213,13 +221,13 @@ def test_parameter_selection_gives_the_hessian_sub_block():
         assert rel_err(op.matvec(v), hessian @ v) < 1e-10
 
 
-@pytest.mark.parametrize("backend", ["forward", "double_backward"])
-def test_train_mode_uses_batch_statistics_and_leaves_the_model_alone(backend):
+@pytest.mark.parametrize("path", PATHS)
+def test_train_mode_uses_batch_statistics_and_leaves_the_model_alone(path):
     model, x, y = make_case("cnn")
     model.train()
     model[1].eval()  # a mixed configuration that must come back exactly
     stats = {n: b.clone() for n, b in model.named_buffers()}
-    op = HessianOperator(model, CE, (x, y), mode="train", backend=backend)
+    op = HessianOperator(model, CE, (x, y), mode="train", **PATHS[path])
     v = torch.randn(op.size, 2, dtype=torch.float64)
     train_products = train_mode_products(model, x, y, v)
     assert rel_err(op.matvec(v), train_products) < 1e-10
@@ -238,8 +246,10 @@ def test_determinism_check_catches_train_mode_dropout():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 3)).double()
     x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
-    with pytest.raises(FlatlabError, match="differ.*dropout"):
-        HessianOperator(model, CE, (x, y), mode="train", check_determinism=True)
+    for cache in (False, True):  # the check never reads the cache
+        with pytest.raises(FlatlabError, match="differ.*dropout"):
+            HessianOperator(model, CE, (x, y), mode="train", check_determinism=True,
+                            cache=cache)
     assert model.training  # restored after the failure too
     HessianOperator(model, CE, (x, y), mode="eval", check_determinism=True)
 
@@ -252,10 +262,43 @@ def test_auto_backend_falls_back_where_forward_mode_fails():
     eye = torch.eye(3, dtype=torch.float64)
     with pytest.raises(RuntimeError):
         HessianOperator(model, nn.MSELoss(), data, backend="forward").matvec(eye)
-    op = HessianOperator(model, nn.MSELoss(), data)
+    op = HessianOperator(model, nn.MSELoss(), data, cache=False)
     with pytest.warns(UserWarning, match="double_backward"):
-        product = op.matvec(eye)
+        product = op.matvec(eye)  # a block: auto tries forward-over-reverse first
     assert torch.allclose(product, 2 * x.T @ x / 8, rtol=1e-12)
+
+
+def test_cache_follows_in_place_changes_of_the_model():
+    model, x, y = make_case("cnn")
+    op = HessianOperator(model, CE, split(x, y))  # eval mode, tiny: auto caches
+    v = torch.randn(op.size, 2, dtype=torch.float64)
+    op.matvec(v)
+    assert op.cached
+    loss, grad = op.loss_and_gradient()  # served from the cache
+    uncached = HessianOperator(model, CE, split(x, y), cache=False)
+    assert loss == pytest.approx(uncached.loss_and_gradient()[0], rel=1e-12)
+    assert rel_err(grad, uncached.loss_and_gradient()[1]) < 1e-12
+    with torch.no_grad():  # an optimizer step, a load_state_dict: in place
+        model[4].weight.mul_(1.5)
+        model[1].running_var.add_(0.5)
+    assert rel_err(op.matvec(v), exact_hessian(model, x, y) @ v) < 1e-10
+    assert op.loss_and_gradient()[0] == pytest.approx(CE(model(x), y).item(), rel=1e-12)
+
+
+def test_cache_auto_respects_the_memory_budget_and_train_mode():
+    model, x, y = make_case("mlp")
+    hessian = exact_hessian(model, x, y)
+    v = torch.randn(hessian.shape[0], dtype=torch.float64)
+    small = HessianOperator(model, CE, split(x, y), cache_bytes=1000)
+    assert rel_err(small.matvec(v), hessian @ v) < 1e-10 and not small.cached
+    train = HessianOperator(model, CE, split(x, y), mode="train")
+    train.matvec(v)
+    assert not train.cached  # train mode may be random: never cached unless asked
+    op = HessianOperator(model, CE, split(x, y))
+    op.matvec(v)
+    assert op.cached
+    op.clear_cache()
+    assert not op.cached
 
 
 def test_unflatten_and_flatten_round_trip():
@@ -283,6 +326,8 @@ def test_bad_inputs_raise_one_line_errors():
         HessianOperator(model, CE, (x, y), distributed=True)
     with pytest.raises(FlatlabError, match="chunk_size"):
         HessianOperator(model, CE, (x, y), mode="train", chunk_size=4)
+    with pytest.raises(FlatlabError, match="cache"):
+        HessianOperator(model, CE, (x, y), backend="forward", cache=True)
     op = HessianOperator(model, CE, (x, y))
     with pytest.raises(FlatlabError, match=r"matvec expects shape \(75,\)"):
         op.matvec(torch.zeros(74))
