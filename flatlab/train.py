@@ -153,7 +153,8 @@ class TrainConfig:
             if value is None or key == "out":
                 continue
             if isinstance(value, dict):
-                tables.append((key, value))
+                if value:
+                    tables.append((key, value))
             else:
                 lines.append(f"{key} = {_toml_value(value)}")
         for key, table in tables:
