@@ -30,6 +30,7 @@ import functools
 import io
 import math
 import os
+import pickle
 import sys
 import tempfile
 import time
@@ -349,7 +350,7 @@ def spawn(fn: Callable[..., Any], world_size: int = 2, *, args: Sequence[Any] = 
                     continue
                 if not ok:
                     raise RuntimeError(f"rank {worker_rank} failed:\n{value}")
-                results[worker_rank] = value
+                results[worker_rank] = pickle.loads(value)
                 received += 1
             for process in processes:
                 process.join(timeout=max(deadline - time.monotonic(), 1.0))
@@ -379,4 +380,6 @@ def _spawn_worker(fn: Callable[..., Any], worker_rank: int, size: int, store: st
         messages.put((worker_rank, False, traceback.format_exc()))
         sys.stderr.flush()
         return
-    messages.put((worker_rank, True, value))
+    # plain pickle bytes: the queue's own pickler would pass tensors through shared memory,
+    # which is gone once this process exits
+    messages.put((worker_rank, True, pickle.dumps(value)))
