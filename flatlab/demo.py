@@ -180,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         raise FlatlabError(f"--epochs must be a positive integer, got {args.epochs}")
-    command = "python -m flatlab.demo" + (" " + shlex.join(argv) if argv else "")
+    shown = [arg for arg in argv if arg != "--no-progress"]  # does not change the output
+    command = "python -m flatlab.demo" + (" " + shlex.join(shown) if shown else "")
     index = run_demo(args.out, epochs=args.epochs, quick=args.quick,
                      progress=not args.no_progress, command=command)
     print(f"report: {index} (also {index.with_name('report.md')})")

@@ -362,7 +362,8 @@ def test_demo_quick_end_to_end_reuses_runs_and_refuses_other_configs(tmp_path, m
     assert on_disk == set(page.images) and "figures/training_curves.png" in on_disk
     html_text = (out / "index.html").read_text(encoding="utf-8")
     top = html_text[: html_text.index("<h2>")]
-    assert "python -m flatlab.demo --out demo --quick --epochs 1 --no-progress" in top
+    command = "python -m flatlab.demo --out demo --quick --epochs 1"  # --no-progress left out
+    assert f"Regenerate with: <code>{command}</code>" in top
 
     models = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/model.safetensors")}
     assert len(models) == 3
