@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
-import functools
 import io
 import math
 import re
@@ -781,24 +780,6 @@ _FLAG_FIELDS = ("dataset", "data_dir", "data_seed", "model", "optimizer", "base_
                 "device", "threads", "out", "save_every_steps", "on_nan")
 
 
-def _one_line_errors(func):
-    """Escape line breaks that user-supplied text brings into a FlatlabError's message."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except FlatlabError as err:
-            text = str(err)
-            flat = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
-            if flat != text:
-                err.args = (flat,)
-            raise
-
-    return wrapper
-
-
-@_one_line_errors
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool, bool]:
     """Command line -> ``(validated config, resume, progress)``; never trains."""
     args = vars(build_parser().parse_args(argv))
@@ -848,7 +829,6 @@ def _parse_pair(pair: str, flag: str) -> tuple[str, Any]:
     return key, value
 
 
-@_one_line_errors
 def main(argv: Sequence[str] | None = None) -> int:
     config, resume, progress = parse_args(argv)
     train(config, progress=progress, resume=resume)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import math
 import os
 import subprocess
@@ -307,12 +309,14 @@ values = st.one_of(st.sampled_from(["nan", "-1", "0", "1e400", "sgd", "nso", "[1
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(argv=st.lists(st.one_of(st.sampled_from(flag_names), values), max_size=8))
 def test_parsing_random_flags_never_tracebacks(argv):
-    try:
-        config, _, _ = parse_args(argv)
-    except FlatlabError as err:
-        assert "\n" not in str(err).strip()
+    parsed = []
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = run_cli(lambda args: parsed.append(parse_args(args)), argv, prog="flatlab.train")
+    if code == 0:
+        assert parsed[0][0].validate() is parsed[0][0] and not stderr.getvalue()
     else:
-        assert config.validate() is config
+        assert code == 2 and len(stderr.getvalue().splitlines()) == 1
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
