@@ -104,9 +104,10 @@ def test_lanczos_converges_long_before_the_dimension():
     op = Counting(DenseOperator(random_symmetric(spectrum)))
     result = top_eigenvalues(op, k=5, tol=1e-4)
     assert bool(result.converged.all())
-    assert result.matvecs == len(op.calls) < 60
+    assert result.matvecs == sum(c[1] for c in op.calls) < 60
     assert torch.allclose(result.eigenvalues, spectrum[:5].double(), rtol=1e-6)
-    assert all(shape == (1000, 1) for shape in op.calls)
+    # one vector per Lanczos step, then one block of k for the true residuals
+    assert op.calls[:-1] == [(1000, 1)] * (len(op.calls) - 1) and op.calls[-1] == (1000, 5)
 
 
 def test_lanczos_converges_on_ritz_residuals_not_on_stagnation():
@@ -115,13 +116,23 @@ def test_lanczos_converges_on_ritz_residuals_not_on_stagnation():
     op = DenseOperator(random_symmetric(spectrum, seed=1))
     with pytest.warns(UserWarning, match=r"did not converge.*lambda_1=.*residual"):
         loose = top_eigenvalues(op, k=3, tol=1e-4, max_matvecs=10)
-    assert not bool(loose.converged.any()) and loose.matvecs == 10
+    assert not bool(loose.converged.any()) and loose.matvecs == 10 + 3
     assert bool((loose.residuals > 1e-4 * loose.eigenvalues.abs()).all())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         tight = top_eigenvalues(op, k=3, tol=1e-4, max_matvecs=300)
     assert bool((tight.residuals <= 1e-4 * tight.eigenvalues.abs()).all())
     assert torch.allclose(tight.eigenvalues, spectrum.flip(0)[:3], rtol=1e-6)
+
+
+def test_float32_products_cannot_certify_residuals_below_their_rounding():
+    model, x, y = make_case("mlp", dtype=torch.float32)
+    op = HessianOperator(model, CE, (x.float(), y))
+    assert bool(top_eigenvalues(op, k=3, tol=1e-4).converged.all())
+    with pytest.warns(UserWarning, match="did not converge.*float32"):
+        strict = top_eigenvalues(op, k=3, tol=1e-12)
+    assert not bool(strict.converged.all())
+    assert float(strict.residuals.max()) > 1e-12 * float(strict.eigenvalues.abs().max())
 
 
 def test_lanczos_restarts_after_breakdown_and_finds_repeated_eigenvalues():
