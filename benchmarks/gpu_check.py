@@ -46,19 +46,6 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up run."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def exact_float32() -> None:
     """Full float32 matmuls and convolutions on CUDA (no TF32): analysis numbers must not
     depend on the card's fast paths."""
@@ -134,7 +121,8 @@ def compare(device_entry: dict, cpu_entry: dict, rtol: float) -> list[dict]:
 
 
 def step_timings(device: torch.device, args) -> list[dict]:
-    """Milliseconds per training step on one fixed batch, every optimizer, same model."""
+    """Milliseconds per training step on one fixed batch for every optimizer (each on its own
+    copy of the same model), timed in interleaved rounds; the median round."""
     from flatlab.data import load_dataset
     from flatlab.models import build_model
     from flatlab.optim import build_optimizer, gradient_evaluations_per_step
@@ -143,8 +131,8 @@ def step_timings(device: torch.device, args) -> list[dict]:
     x = data.x_train[: args.batch_size].to(device)
     y = data.y_train[: args.batch_size].to(device)
     loss_fn = nn.CrossEntropyLoss()
-    rows = []
     variants = [(name, "fp32") for name in OPTIMIZERS] + [("nso", "bf16")]
+    steppers, passes = [], []
     for name, precision in variants:
         torch.manual_seed(0)
         model = build_model("cnn1d", data.input_shape, data.num_classes).to(device)
@@ -159,22 +147,43 @@ def step_timings(device: torch.device, args) -> list[dict]:
             loss.backward()
             return loss
 
-        def step(optimizer=optimizer, closure=closure):
+        def steps(optimizer=optimizer, closure=closure):
             for _ in range(args.steps):
                 optimizer.step(closure)
 
-        seconds = median_seconds(step, device, args.repeats) / args.steps
-        rows.append({"what": f"step {name} {precision}",
-                     "passes": gradient_evaluations_per_step(optimizer),
-                     "ms": 1e3 * seconds})
-    sgd = rows[0]["ms"]
+        steppers.append(steps)
+        passes.append(gradient_evaluations_per_step(optimizer))
+    seconds = interleaved_medians(steppers, device, args.repeats)
+    rows = [{"what": f"step {name} {precision}", "passes": k, "ms": 1e3 * t / args.steps}
+            for (name, precision), k, t in zip(variants, passes, seconds, strict=True)]
     for row in rows:
-        row["ratio"] = row["ms"] / sgd
+        row["ratio"] = row["ms"] / rows[0]["ms"]
     return rows
 
 
+def interleaved_medians(fns: Sequence[Callable[[], object]], device: torch.device,
+                        repeats: int) -> list[float]:
+    """Median seconds of each ``fn`` over ``repeats`` rounds; each round runs every ``fn`` once
+    (rotating the order, so load from other programs hits all alike), after one warm-up."""
+    for fn in fns:
+        fn()
+    synchronize(device)
+    times: list[list[float]] = [[] for _ in fns]
+    for round_ in range(repeats):
+        order = list(range(len(fns)))
+        order = order[round_ % len(fns):] + order[:round_ % len(fns)]
+        for i in order:
+            start = time.perf_counter()
+            fns[i]()
+            synchronize(device)
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
 def hessian_timings(checkpoint: Path, device: torch.device, args) -> list[dict]:
-    """One full-data gradient, one Hessian-vector product, one block of 8 products."""
+    """One full-data gradient (plain autograd), one Hessian-vector product and a block of 8
+    (per vector), with flatlab's default operator (cached gradient graphs where they fit) and
+    without the cache (streamed)."""
     from flatlab.analyze import SubsetBatches, sample_indices
     from flatlab.checkpoint import load_dataset_for, load_model
     from flatlab.hessian import HessianOperator
@@ -183,20 +192,30 @@ def hessian_timings(checkpoint: Path, device: torch.device, args) -> list[dict]:
     data = load_dataset_for(meta)
     indices = sample_indices(len(data.y_train), args.samples, 0)
     batches = list(SubsetBatches(data.x_train, data.y_train, indices, 256, device))
-    op = HessianOperator(model, nn.CrossEntropyLoss(), batches, mode="eval")
+    loss_fn = nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = sum(len(y) for _, y in batches)
+
+    def gradient() -> object:
+        sums = [torch.zeros_like(p) for p in params]
+        for xb, yb in batches:
+            grads = torch.autograd.grad(loss_fn(model(xb), yb), params)
+            for acc, g in zip(sums, grads, strict=True):
+                acc.add_(g, alpha=len(yb) / total)
+        return sums
+
+    cached = HessianOperator(model, loss_fn, batches, mode="eval")
+    streamed = HessianOperator(model, loss_fn, batches, mode="eval", cache=False)
     gen = torch.Generator().manual_seed(0)
-    v = torch.randn(op.size, generator=gen, dtype=op.dtype).to(device)
-    block = torch.randn(op.size, 8, generator=gen, dtype=op.dtype).to(device)
-    gradient = median_seconds(op.loss_and_gradient, device, args.repeats)
-    product = median_seconds(lambda: op.matvec(v), device, args.repeats)
-    block8 = median_seconds(lambda: op.matvec(block), device, args.repeats)
-    return [
-        {"what": "full-data gradient", "passes": 1, "ms": 1e3 * gradient, "ratio": 1.0},
-        {"what": "Hessian product", "passes": 1, "ms": 1e3 * product,
-         "ratio": product / gradient},
-        {"what": "block of 8 products (per vector)", "passes": 8, "ms": 1e3 * block8 / 8,
-         "ratio": block8 / 8 / gradient},
-    ]
+    v = torch.randn(cached.size, generator=gen, dtype=cached.dtype).to(device)
+    block = torch.randn(cached.size, 8, generator=gen, dtype=cached.dtype).to(device)
+    fns = [gradient, lambda: cached.matvec(v), lambda: cached.matvec(block),
+           lambda: streamed.matvec(v), lambda: streamed.matvec(block)]
+    g, c1, c8, s1, s8 = interleaved_medians(fns, device, args.repeats)
+    rows = [("full-data gradient", 1, g), ("Hessian product (default)", 1, c1),
+            ("block of 8, per vector (default)", 8, c8 / 8),
+            ("Hessian product (no cache)", 1, s1), ("block of 8, per vector (no cache)", 8, s8 / 8)]
+    return [{"what": what, "passes": k, "ms": 1e3 * t, "ratio": t / g} for what, k, t in rows]
 
 
 # --------------------------------------------------------------------------- main
@@ -217,8 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=128, help="timed training batch")
     parser.add_argument("--steps", type=int, default=5, help="training steps per timing")
     parser.add_argument("--repeats", type=int, default=5, help="timings per median")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads for the analysis and timings (default: torch's)")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     cpu = torch.device("cpu")
     exact_float32()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -238,6 +262,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             path.unlink()
     checkpoint = timed(f"train ({device.type})",
                        lambda: train_checkpoint(device, args.out, args.epochs, args.precision))
+    torch.set_num_threads(threads)  # train() picks its own thread count
     on_device = timed(f"analyze ({device.type})", lambda: analyse(checkpoint, device, args))
     on_cpu = (on_device if device == cpu
               else timed("analyze (cpu)", lambda: analyse(checkpoint, cpu, args)))
@@ -255,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for row in checks:
         print(f"{row['quantity']:<14}{row['max_rel_diff']:>14.2e}  "
               f"{'yes' if row['ok'] else 'NO'}")
-    print(f"\ntimings on {device} (median of {args.repeats})")
+    print(f"\ntimings on {device} (median of {args.repeats} interleaved rounds)")
     print(f"{'what':<36}{'passes':>7}{'ms':>10}{'ratio':>8}")
     for row in timings:
         print(f"{row['what']:<36}{row['passes']:>7}{row['ms']:>10.3f}{row['ratio']:>8.2f}")
