@@ -165,10 +165,14 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def _collective_device(tensor: Tensor) -> torch.device:
-    """Where a collective on ``tensor`` runs: CUDA tensors stay on their device unless the
-    backend is gloo alone (then they are staged through the CPU)."""
-    if tensor.device.type == "cuda" and "nccl" not in str(dist.get_backend()):
+    """Where a collective on ``tensor`` runs: on the tensor's device when the backend serves
+    it, else staged (CUDA tensors through the CPU for gloo alone; CPU tensors through the
+    current CUDA device for NCCL alone)."""
+    backend = str(dist.get_backend())
+    if tensor.device.type == "cuda" and "nccl" not in backend:
         return torch.device("cpu")
+    if tensor.device.type == "cpu" and backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
     return tensor.device
 
 
@@ -205,7 +209,7 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
 
 def all_ranks_true(flag: bool, device: str | torch.device = "cpu") -> bool:
     """True only if ``flag`` is true on every rank (e.g. "my loss is finite"), so that all
-    ranks take the same branch. On CUDA-only backends pass a CUDA ``device``."""
+    ranks take the same branch."""
     if world_size() == 1:
         return bool(flag)
     value = torch.tensor([0.0 if flag else 1.0], device=device)
