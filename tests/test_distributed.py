@@ -162,14 +162,18 @@ def _communication_counts() -> dict:
     return counts
 
 
-def _two_rank_checks() -> dict:
-    return {"collectives": _collectives(), "comm": _communication_counts()}
+def _two_rank_checks(out: str, checkpoint: str) -> dict:
+    return {"collectives": _collectives(), "comm": _communication_counts(),
+            "operator": _operator_on_ranks(), "analysis": _analyze_on_ranks(checkpoint)}
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> list[dict]:
-    """One 2-process gloo run of every check that needs no training or analysis module."""
-    return distributed.spawn(_two_rank_checks, 2, timeout=SPAWN_TIMEOUT)
+def two_ranks(tmp_path_factory) -> list[dict]:
+    """One 2-process gloo run of every multi-process check (start-up dominates the cost)."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    checkpoint = _analysed_checkpoint(out / "analysed")
+    return distributed.spawn(_two_rank_checks, 2, args=(str(out), checkpoint),
+                             timeout=SPAWN_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -205,13 +209,12 @@ def test_replica_check_and_wrapping(collectives):
 
 
 def test_spawn_reports_a_worker_error():
-    with pytest.raises(RuntimeError, match="(?s)rank 1 failed:.*ZeroDivisionError"):
-        distributed.spawn(_fail_on_rank_one, 2, timeout=SPAWN_TIMEOUT)
+    with pytest.raises(RuntimeError, match="(?s)rank 0 failed:.*ZeroDivisionError"):
+        distributed.spawn(_fail, 1, timeout=SPAWN_TIMEOUT)
 
 
-def _fail_on_rank_one() -> None:
-    if distributed.rank() == 1:
-        1 / 0  # noqa: B018
+def _fail() -> None:
+    1 / 0  # noqa: B018
 
 
 @pytest.mark.parametrize("method", COUNTED_METHODS)
@@ -229,3 +232,137 @@ def test_perturbation_passes_run_without_ddp_reduces_and_reduce_once_per_step(tw
         # ``expected`` flat reduces per step, each of all gradients (+ one presence flag each)
         assert len(c["explicit"]) == STEPS * expected
         assert all(n == c["params"] + 4 for n in c["explicit"])
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+ANALYSIS = {"trace": True, "trace_matvecs": 16, "eigenvalues": 3, "density": False,
+            "landscape": ("1d",), "samples": 45, "batch_size": 8, "grid_points": 5,
+            "device": "cpu", "progress": False}
+
+
+def _analysed_checkpoint(out) -> str:
+    """A small trained model (one process, a few SGD steps) to analyse."""
+    from flatlab.checkpoint import save_checkpoint
+    from flatlab.data import load_dataset
+    from flatlab.models import build_model
+
+    data = load_dataset("synthetic", train_size=64, test_size=16)
+    torch.manual_seed(4)
+    model = build_model("mlp", data.input_shape, data.num_classes, hidden=[12])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(data.x_train), data.y_train).backward()
+        optimizer.step()
+    path = out / "model.safetensors"
+    save_checkpoint(path, model, {
+        "model": {"name": "mlp", "kwargs": {"hidden": [12]},
+                  "input_shape": list(data.input_shape), "num_classes": data.num_classes},
+        "dataset": data.spec, "optimizer": {"name": "sgd", "kwargs": {"lr": 0.5}},
+        "epoch": 20, "step": 20, "grad_evals": 20, "metrics": {}, "seed": 4,
+        "run_name": "analysed"})
+    return str(path)
+
+
+def _analyze_on_ranks(checkpoint: str) -> dict:
+    """``analyze`` of the checkpoint on this rank: 45 samples sharded 23 / 22 for the Hessian,
+    slice points split; the result and the checkpoint path."""
+    from flatlab.analyze import AnalyzeOptions, analyze
+
+    return {"path": checkpoint, "analysis": analyze([checkpoint], AnalyzeOptions(**ANALYSIS))}
+
+
+def _tiny_problem():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3))
+    gen = torch.Generator().manual_seed(6)
+    x, y = torch.randn(11, 5, generator=gen), torch.randint(0, 3, (11,), generator=gen)
+    return model, x, y
+
+
+def _operator_on_ranks() -> dict:
+    """HessianOperator(distributed=True) on this rank's shard of 11 samples (6 / 5, in
+    batches of 4): one product, a block of 8 and the loss and gradient, with the sizes of the
+    all-reduces each makes."""
+    import torch.distributed as dist
+
+    from flatlab.hessian import HessianOperator
+
+    model, x, y = _tiny_problem()
+    mine = distributed.shard(torch.arange(11))
+    batches = [(x[i], y[i]) for i in mine.split(4)]
+    op = HessianOperator(model, nn.CrossEntropyLoss(), batches, distributed=True)
+    block = torch.randn(op.size, 8, generator=torch.Generator().manual_seed(7))
+    real_all_reduce, sizes = dist.all_reduce, []
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        sizes.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting_all_reduce
+    try:
+        results = {"one": op.matvec(block[:, 0]), "block": op.matvec(block)}
+        results["reduces_for_products"] = list(sizes)
+        loss, gradient = op.loss_and_gradient()
+    finally:
+        dist.all_reduce = real_all_reduce
+    return {**results, "loss": loss, "gradient": gradient, "size": op.size}
+
+
+def test_distributed_hessian_products_equal_the_one_process_products(two_ranks):
+    from flatlab.hessian import HessianOperator
+
+    model, x, y = _tiny_problem()
+    op = HessianOperator(model, nn.CrossEntropyLoss(), [(x, y)])
+    block = torch.randn(op.size, 8, generator=torch.Generator().manual_seed(7))
+    exact = torch.func.hessian(lambda w: _flat_loss(model, w, x, y))(
+        torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    loss, gradient = op.loss_and_gradient()
+    for rank in two_ranks:
+        got = rank["operator"]
+        torch.testing.assert_close(got["block"], exact @ block, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["block"], op.matvec(block), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(got["one"], op.matvec(block[:, 0]), rtol=1e-6, atol=1e-7)
+        # one all-reduce per product call, also for the block (sums and the sample count)
+        assert got["reduces_for_products"] == [op.size + 1, 8 * op.size + 1]
+        assert got["loss"] == pytest.approx(loss, rel=1e-6)
+        torch.testing.assert_close(got["gradient"], gradient, rtol=1e-6, atol=1e-7)
+
+
+def _flat_loss(model, flat, x, y):
+    params, offset = {}, 0
+    for name, p in model.named_parameters():
+        params[name] = flat[offset:offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as each spawned rank has (spinning threads on a shared 2-core machine
+    make small models many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_distributed_analysis_equals_one_process(two_ranks, one_thread):
+    """Trace, top eigenvalues and the 1-D slice of ``analyze`` on 2 ranks equal the
+    one-process numbers (sums in another order: float tolerance; the slice exactly)."""
+    from flatlab.analyze import AnalyzeOptions, analyze
+
+    one = analyze([two_ranks[0]["analysis"]["path"]], AnalyzeOptions(**ANALYSIS))
+    want = one["checkpoints"][0]
+    for rank in two_ranks:
+        got = rank["analysis"]["analysis"]["checkpoints"][0]
+        assert got["num_samples"] == want["num_samples"] == 45
+        assert got["trace"] == pytest.approx(want["trace"], rel=1e-6)
+        assert got["trace_stderr"] == pytest.approx(want["trace_stderr"], rel=1e-5)
+        assert got["trace_matvecs"] == want["trace_matvecs"]
+        assert got["eigenvalues"] == pytest.approx(want["eigenvalues"], rel=1e-6)
+        assert got["eigen_matvecs"] == want["eigen_matvecs"]
+        assert got["landscape_1d"] == want["landscape_1d"]
+        assert got["loss"] == want["loss"] and got["accuracy"] == want["accuracy"]
