@@ -173,6 +173,21 @@ def test_single_batch_and_dataloader_inputs():
     assert rel_err(HessianOperator(model, CE, loader).matvec(v), hessian @ v) < 1e-10
 
 
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_products_work_inside_no_grad_and_inference_mode(path, context):
+    model, x, y = make_case("mlp")
+    hessian = exact_hessian(model, x, y)
+    v = torch.randn(hessian.shape[0], 2, dtype=torch.float64)
+    with context():  # e.g. an evaluation script, with data made there too
+        data = split(x.clone(), y.clone())
+        op = HessianOperator(model, CE, data, **PATHS[path])
+        product, single = op.matvec(v), op.matvec(v[:, 0])
+        loss, _ = op.loss_and_gradient()
+    assert rel_err(product, hessian @ v) < 1e-10 and rel_err(single, hessian @ v[:, 0]) < 1e-10
+    assert loss == pytest.approx(CE(model(x), y).item(), rel=1e-12)
+
+
 def test_float32_model_accumulates_in_float64_and_returns_input_dtype():
     model, x, y = make_case("mlp")
     hessian = exact_hessian(model, x, y)

@@ -186,6 +186,12 @@ def _map_tensors(fn: Callable[[Tensor], Tensor], obj: Any) -> Any:
     return obj
 
 
+def _for_autograd(tensor: Tensor) -> Tensor:
+    """Inference-mode tensors (from a loader run under ``inference_mode``) cannot be saved
+    for backward; a copy made outside inference mode can."""
+    return tensor.clone() if tensor.is_inference() else tensor
+
+
 def _rows(obj: Any, start: int, stop: int) -> Any:
     return _map_tensors(lambda t: t[start:stop], obj)
 
@@ -366,10 +372,13 @@ class HessianOperator:
 
     @contextlib.contextmanager
     def _evaluation_mode(self) -> Iterator[None]:
+        """The requested module mode, with autograd on even inside ``no_grad`` or
+        ``inference_mode``; every submodule's own mode is restored afterwards."""
         saved = [(m, m.training) for m in self.model.modules()]
         self.model.train(self.mode == "train")
         try:
-            yield
+            with torch.inference_mode(False), torch.enable_grad():
+                yield
         finally:
             for module, training in saved:
                 module.training = training
@@ -400,7 +409,8 @@ class HessianOperator:
             if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
                 raise FlatlabError("every batch must be an (inputs, targets) pair, got "
                                    f"{type(batch).__name__}")
-            x, y = (_map_tensors(lambda t: t.to(device, non_blocking=True), b) for b in batch)
+            x, y = (_map_tensors(lambda t: _for_autograd(t.to(device, non_blocking=True)), b)
+                    for b in batch)
             first = y if isinstance(y, Tensor) and y.ndim > 0 else _first_tensor(x)
             if first is None:
                 raise FlatlabError("cannot tell the batch size: targets must be a tensor")
@@ -613,9 +623,9 @@ class HessianOperator:
         """Dataset-average loss and its gradient ``(P,)`` (float64 sums, returned in
         ``self.dtype``); summed over ranks when ``distributed``. Uses (and fills) the graph
         cache when caching applies."""
-        total = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
         count = 0
         with self._evaluation_mode():
+            total = torch.zeros(self.size + 1, dtype=torch.float64, device=self.device)
             graphs = self._cached_graphs() if self._use_cache() else None
             if graphs is None:
                 graphs = (self._build_graph(x, y, n, create_graph=False)
@@ -627,7 +637,7 @@ class HessianOperator:
         total, count = self._reduce(total, count)
         if count == 0:
             raise FlatlabError("data holds no samples")
-        total /= count
+        total = total / count
         return float(total[-1]), total[:-1].to(self.dtype)
 
     def check_determinism(self, *, rtol: float | None = None) -> None:
