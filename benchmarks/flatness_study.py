@@ -486,7 +486,7 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                "epochs": int(first["epochs"]), "passes_per_step": int(first["passes_per_step"]),
                "grad_evals": float(group["grad_evals"].mean()), "n": len(group),
                "seeds": " ".join(str(int(s)) for s in sorted(group["seed"]))}
-        for q in (*QUANTITIES, "train_loss", "trace_stderr"):
+        for q in (*QUANTITIES, "train_loss", "analysis_loss", "trace_stderr"):
             values = pd.to_numeric(group[q], errors="coerce").to_numpy(dtype=float)
             row[f"{q}_mean"] = float(np.mean(values))
             row[f"{q}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
@@ -555,6 +555,25 @@ def compare(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame(mean_rows)], ignore_index=True)
 
 
+def scorecard(comparison: pd.DataFrame) -> pd.DataFrame:
+    """Per budget, NSO variant and quantity: settings where NSO beats the best baseline (and
+    by |t| >= 2), and settings where it beats SAM."""
+    per_setting = comparison[~comparison["setting"].str.startswith("mean over")]
+    rows = []
+    for (budget, nso, q), group in per_setting.groupby(["budget", "nso", "quantity"],
+                                                       sort=False):
+        sign = 1.0 if HIGHER_IS_BETTER[q] else -1.0
+        better = sign * group["change"] > 0
+        clear = better & (sign * group["t"] >= 2)
+        rows.append({"budget": budget, "NSO": nso,
+                     "quantity": {"test_acc": "test acc", "lambda_1": "λ1"}.get(q, q),
+                     "better than best baseline": f"{int(better.sum())} of {len(group)}",
+                     "by ≥ 2 s.e.": f"{int(clear.sum())} of {len(group)}",
+                     "better than SAM": f"{int((sign * group['change_vs_sam'] > 0).sum())} of "
+                                        f"{len(group)}"})
+    return pd.DataFrame(rows)
+
+
 def _welch_t(a: Any, b: Any, q: str) -> float:
     """(mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b): how many standard errors apart."""
     se = math.sqrt(a[f"{q}_std"] ** 2 / a["n"] + b[f"{q}_std"] ** 2 / b["n"])
@@ -591,8 +610,9 @@ def results_table(summary: pd.DataFrame, setting: str) -> pd.DataFrame:
         "λ1": [_pm(m, s) + ("*" if u else "") for m, s, u in
                zip(table["lambda_1_mean"], table["lambda_1_std"],
                    table["lambda_1_unconverged"], strict=True)],
-        "train loss": [_pm(m, s, "{:.3g}") for m, s in
-                       zip(table["train_loss_mean"], table["train_loss_std"], strict=True)],
+        "train loss at W": [_pm(m, s, "{:.3g}") for m, s in
+                            zip(table["analysis_loss_mean"], table["analysis_loss_std"],
+                                strict=True)],
         "n": table["n"],
     })
 
@@ -771,7 +791,7 @@ class StudyResult:
 
 
 def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, command: str,
-                       wall_seconds: float | None) -> StudyResult:
+                       wall_seconds: float | None = None, new_runs: int = 0) -> StudyResult:
     """results.csv rows -> sweep/summary/comparison CSVs, figures, report.md, index.html."""
     from flatlab.report import save_figure
 
@@ -795,13 +815,14 @@ def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, com
     ok = used[used["status"] == "ok"]
     train_min = pd.to_numeric(ok["train_seconds"], errors="coerce").sum() / 60
     analysis_min = pd.to_numeric(ok["analysis_seconds"], errors="coerce").sum() / 60
-    timing = (f"Compute recorded in results.csv: {train_min:.1f} min training + "
+    timing = (f"Time recorded in results.csv (wall clock of each run, one CPU thread each, "
+              f"on whatever else the machine was doing): {train_min:.1f} min training + "
               f"{analysis_min:.1f} min Hessian analysis over {len(used)} runs "
               f"({(used['phase'] == 'sweep').sum()} sweep, {(used['phase'] == 'final').sum()} "
-              "final), one CPU thread per run.")
+              "final).")
     if wall_seconds is not None:
-        timing += (f" Wall time of the invocation that wrote this report: "
-                   f"{wall_seconds / 60:.1f} min.")
+        timing += (f" The invocation that wrote this report ran {new_runs} new run(s) in "
+                   f"{wall_seconds / 60:.1f} min (the rest were reused from results.csv).")
     page.p(timing)
     failed = used[used["status"] != "ok"]
     if len(failed):
@@ -894,6 +915,13 @@ def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, com
 
     page.h("NSO against the best baseline, next to the paper")
     if not comparison.empty:
+        card = scorecard(comparison)
+        if not card.empty:
+            page.p("Scorecard: in how many settings NSO comes out better (higher accuracy, "
+                   "lower trace, lower λ1) than the best baseline of its budget group, how "
+                   "many of those by at least two standard errors (t ≤ −2 for trace and λ1, "
+                   "t ≥ 2 for accuracy), and in how many settings it is better than SAM.")
+            page.table(card)
         page.table(comparison_table(comparison))
     page.p("Paper: Ju, Li, Zhang, Noise Stability Optimization (arXiv 2306.08553): v1 reports "
            "trace −12.6% and top eigenvalue −7.8% against SAM averaged over eight data sets; v3 "
@@ -906,9 +934,11 @@ def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, com
     page.p("Reading the numbers: the Hessian of the cross-entropy shrinks as the training loss "
            "goes to zero (the softmax saturates), so a run that fits the training set harder "
            "also looks flatter, and an under-trained run (few epochs, or too much noise) can "
-           "look flat without being better. Read trace and λ1 together with the train loss and "
-           "test accuracy in the tables above; t values within ±2 are within seed-to-seed "
-           "noise.")
+           "look flat without being better. Read trace and λ1 together with 'train loss at W' "
+           "(the clean loss on the analysis subset, eval mode) and test accuracy in the tables "
+           "above; t values within ±2 are within seed-to-seed noise. (The training loop's own "
+           "train loss, in results.csv, comes from each step's first pass, which for NSO is at "
+           "W + U, so it overstates NSO's clean training loss.)")
     md = page.markdown()
     atomic_write_text(out / "report.md", md)
     index = out / "index.html"
@@ -926,6 +956,7 @@ def run_study(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1,
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     runs = sweep_runs(study)
+    before = len(read_results(out))
     rows = run_all(runs, out, runs_dir, jobs=jobs, say=say) if runs else read_results(out)
     chosen, _ = select_hyperparameters(rows)
     for setting in study.settings:
@@ -936,7 +967,8 @@ def run_study(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1,
                 f"runs use the library default")
     rows = run_all(final_runs(study, chosen), out, runs_dir, jobs=jobs, say=say)
     return write_study_report(study, rows, out, command=command,
-                              wall_seconds=time.perf_counter() - started)
+                              wall_seconds=time.perf_counter() - started,
+                              new_runs=len(rows) - before)
 
 
 def build_parser() -> ArgumentParser:

@@ -82,7 +82,8 @@ def _rows(values: dict[tuple[str, str], list[tuple[float, float, float]]]) -> pd
                          "hyperparameter": None, "hyper_value": None, "epochs": 4,
                          "passes_per_step": 1 if optimizer == "sgd" else 2, "seed": seed,
                          "grad_evals": 10, "test_acc": acc, "trace": tr, "lambda_1": lam,
-                         "train_loss": 0.1, "trace_stderr": 0.5, "lambda_1_converged": True})
+                         "train_loss": 0.1, "analysis_loss": 0.1, "trace_stderr": 0.5,
+                         "lambda_1_converged": True})
     return pd.DataFrame(rows)
 
 
@@ -134,6 +135,14 @@ def test_comparison_against_the_best_baseline_per_quantity():
     mean = c.loc[("mean over 2 settings", "same epochs", "nso k=1", "trace")]
     assert mean["change"] == pytest.approx(((9 - 12) / 12 + (2 - 4) / 4) / 2)
     assert mean["change_vs_sam"] == pytest.approx(((9 - 22) / 22 + (2 - 5) / 5) / 2)
+
+    card = study.scorecard(comparison).set_index(["budget", "NSO", "quantity"])
+    epochs = card.loc[("same epochs", "nso k=1")]
+    assert epochs.loc["trace", "better than best baseline"] == "2 of 2"
+    assert epochs.loc["trace", "by ≥ 2 s.e."] == "0 of 2"  # t = -1.5 in a, no spread in b
+    assert epochs.loc["λ1", "better than best baseline"] == "0 of 2"
+    assert epochs.loc["λ1", "better than SAM"] == "1 of 2"
+    assert epochs.loc["test acc", "better than SAM"] == "2 of 2"
 
 
 def test_sweep_selection_takes_best_validation_accuracy_then_lower_loss():
