@@ -91,7 +91,8 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
     Args:
         op: symmetric operator (``size``, ``dtype``, ``device``, ``matvec``).
         k: how many eigenvalues.
-        tol: relative Ritz-residual tolerance (see the module docstring).
+        tol: relative Ritz-residual tolerance (see the module docstring); 0 spends the whole
+            budget.
         which: ``"largest"`` or ``"smallest"`` (algebraic; "smallest" shows negative curvature).
         max_matvecs: budget for the Krylov space (default ``max(100, 30 k)``, never more than
             ``P``); ``k`` more products check the residuals. Values still unconverged are
@@ -111,8 +112,8 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
         raise FlatlabError(f"which={which!r} is not one of {', '.join(EIGEN_WHICH)}")
     if not 1 <= k <= size:
         raise FlatlabError(f"k must be between 1 and the operator size {size}, got {k}")
-    if tol <= 0:
-        raise FlatlabError(f"tol must be positive, got {tol}")
+    if not tol >= 0:
+        raise FlatlabError(f"tol must be non-negative, got {tol}")
     budget = max(100, 30 * k) if max_matvecs is None else max_matvecs
     if budget < k:
         raise FlatlabError(f"max_matvecs={budget} is smaller than k={k}")
