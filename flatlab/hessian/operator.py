@@ -19,11 +19,29 @@ Two ways to differentiate twice:
     computed once per chunk of data and shared by all ``b`` tangents.
 ``"double_backward"``
     :math:`H v = \\nabla_w (\\nabla \\ell(w)^\\top v)`: ``torch.autograd.grad`` of the gradient
-    (built with ``create_graph=True``), batched over the block with ``is_grads_batched``.
+    (built with ``create_graph=True``), batched over a block with ``is_grads_batched``.
 
-``backend="auto"`` uses ``"forward"`` and falls back to ``"double_backward"`` (with a warning)
-for models where forward-mode AD is not implemented. See ``notes/README-hessian.md`` for the
-measurements behind that default.
+Either way a streamed product costs a gradient (the primal pass) plus the second-order pass,
+about 3 gradients for one vector. Keeping every batch's gradient graph between products
+(``cache``, eval mode, when it fits in memory) removes the primal pass: a product then costs
+the second backward alone, about 2 gradients, which is the arithmetic floor for an exact
+product on an MLP (6 matrix products per layer against the gradient's 3). Measured on this
+project's CPU benchmark (``benchmarks/hessian_speed.py``, one thread; time of one product and
+of a block of 8 per vector, as multiples of one full-data gradient):
+
+==========================  ==================  ==================
+path                        MLP 289k: 1 / 8     CNN 21k: 1 / 8
+==========================  ==================  ==================
+cached double backward      1.98 / 2.00         1.29 / 1.29
+streamed forward-over-rev.  3.54 / 2.31         2.41 / 1.63
+streamed double backward    3.10 / 2.62         2.34 / 1.58
+==========================  ==================  ==================
+
+so ``backend="auto"`` uses the cache when it applies, and otherwise double backward for a
+single vector and forward-over-reverse for a block (falling back to double backward, with a
+warning, where forward-mode AD is not implemented, e.g. ``mse_loss`` in torch 2.13). With the
+cache a block is one second backward per vector over the cached graphs: vmapping that backward
+(``is_grads_batched``) measured 1.5x slower per vector.
 
 Any object with ``size``, ``dtype``, ``device`` and ``matvec`` is an operator for the
 estimators in :mod:`flatlab.hessian`; :class:`DenseOperator` wraps an explicit matrix.
