@@ -277,8 +277,9 @@ class HessianOperator:
             loss to be a per-sample mean, which ``loss_fn`` promises.
         cache: keep every batch's gradient graph between products, so a product costs only
             the second backward pass (about 2 gradients instead of 3). ``"auto"`` (default)
-            caches in eval mode when the graphs' estimated size stays under ``cache_bytes``;
-            ``True`` always; ``False`` never. The cache is rebuilt when any parameter or
+            caches in eval mode when the graphs' estimated size (4 copies of every submodule
+            output) stays under ``cache_bytes``; ``True`` always (in train mode that freezes
+            one draw of any dropout); ``False`` never. The cache is rebuilt when any parameter or
             buffer of the model changes in place (tracked by tensor version counters).
         cache_bytes: memory budget of ``cache="auto"`` (default 1 GiB).
 

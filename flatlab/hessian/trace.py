@@ -139,7 +139,7 @@ def trace(op: Any, *, num_matvecs: int = 100, method: str = "hutch++", seed: int
         samples, parts = _hutchinson_samples(op, num_matvecs, block_size, gen, None, slices)
         per_param = {name: _mean_and_stderr(parts[i]) for i, (name, _) in enumerate(slices)}
         estimate, stderr = _mean_and_stderr(samples)
-        return TraceResult(estimate, stderr, num_matvecs, method, per_param, 0.0, samples)
+        return TraceResult(estimate, stderr, num_matvecs, method, per_param, 0.0, samples.cpu())
 
     sketch_size = min(num_matvecs // 3, op.size)
     sketch = apply_blocked(op, rademacher(op.size, sketch_size, gen, op.device), block_size)
@@ -159,4 +159,4 @@ def trace(op: Any, *, num_matvecs: int = 100, method: str = "hutch++", seed: int
         per_param[name] = (float(exact_rows[sl].sum()) + part_mean,
                            0.0 if remaining == 0 else part_stderr)
     used = 2 * sketch_size + remaining
-    return TraceResult(exact + mean, stderr, used, method, per_param, exact, samples)
+    return TraceResult(exact + mean, stderr, used, method, per_param, exact, samples.cpu())
