@@ -22,6 +22,7 @@ writes ``analysis.json``, ``summary.csv`` and per-checkpoint figures under
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -301,7 +302,25 @@ def _grid(options: AnalyzeOptions, kind: str) -> Tensor:
 def analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
             options: AnalyzeOptions | None = None) -> dict:
     """Analyse checkpoints (paths/run directories, or :func:`load_checkpoints` output) and return
-    the ``analysis.json`` dict. Writes nothing."""
+    the ``analysis.json`` dict. Writes nothing. On CUDA every product runs in full float32
+    (TF32 off while it runs), so the numbers match the CPU's to rounding."""
+    with _full_float32():
+        return _analyze(checkpoints, options)
+
+
+@contextlib.contextmanager
+def _full_float32() -> Iterator[None]:
+    """No TF32 for CUDA matmuls and convolutions (cuDNN allows it by default, ~1e-3 error)."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
+             options: AnalyzeOptions | None) -> dict:
     from tqdm.auto import tqdm
 
     options = options or AnalyzeOptions()

@@ -366,3 +366,26 @@ def test_distributed_analysis_equals_one_process(two_ranks, one_thread):
         assert got["eigen_matvecs"] == want["eigen_matvecs"]
         assert got["landscape_1d"] == want["landscape_1d"]
         assert got["loss"] == want["loss"] and got["accuracy"] == want["accuracy"]
+
+
+def test_analysis_runs_without_tf32_and_restores_the_flags(tmp_path, monkeypatch):
+    """On CUDA cuDNN convolutions default to TF32 (~1e-3 error); analyze switches it off."""
+    from flatlab import analyze as A
+
+    seen = []
+    run_stage = A._run_stage
+
+    def recording(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return run_stage(*args, **kwargs)
+
+    monkeypatch.setattr(A, "_run_stage", recording)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        options = A.AnalyzeOptions(**dict(ANALYSIS, trace=False, eigenvalues=0, landscape=()))
+        A.analyze([_analysed_checkpoint(tmp_path)], options)
+        assert seen == [(False, False)]
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
