@@ -1,6 +1,6 @@
 """Speed-up of the analysis on 2 processes (torch.distributed, gloo, CPU) over 1 process.
 
-    python benchmarks/distributed_speedup.py [CHECKPOINT] [--samples 2000] [--repeats 3]
+    python benchmarks/distributed_speedup.py [CHECKPOINT] [--samples 4000] [--repeats 3]
 
 Runs the same ``flatlab.analyze`` computation (Hessian trace, top eigenvalues and a 1-D loss
 slice of one checkpoint) as
@@ -76,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="distributed_speedup", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", default=None)
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=2000)
+    parser.add_argument("--samples", type=int, default=4000)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--trace-matvecs", type=int, default=60)
+    parser.add_argument("--trace-matvecs", type=int, default=100)
     parser.add_argument("--eigenvalues", type=int, default=5)
     parser.add_argument("--grid-points", type=int, default=21)
     parser.add_argument("--repeats", type=int, default=3)
