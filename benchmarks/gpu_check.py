@@ -15,7 +15,9 @@ One short script (a few minutes) for a CUDA machine; it runs on CPU too (``--dev
    training step for each optimizer (fp32, and NSO under bf16 autocast), and one full-data
    gradient, one Hessian-vector product and a block of 8 products, as ratios to the gradient.
 
-Exit status 0 when every check passes, 1 when one fails (each failure printed).
+Exit status 0 when every check passes, 1 when one fails (each failure printed). On a CPU
+shared with other programs pass ``--threads 1``: spinning intra-op threads make these small
+models many times slower and the timings meaningless.
 """
 
 from __future__ import annotations
