@@ -13,8 +13,18 @@ A run directory ``runs/NAME`` receives:
 
 Data order: epoch ``e`` visits the training set in ``torch.randperm`` order from a generator
 seeded with ``seed + e``, exactly as ``torch.utils.data.DistributedSampler(shuffle=True,
-seed=seed)`` after ``set_epoch(e)`` does (:func:`epoch_order`), so a resumed run (and a future
-multi-process run) sees the same batches. Only the main process (rank 0) writes files or prints.
+seed=seed)`` after ``set_epoch(e)`` does (:func:`epoch_order`), so a resumed run sees the same
+batches.
+
+Under ``torchrun --nproc_per_node N -m flatlab.train ...`` the model is wrapped in
+``DistributedDataParallel``; ``batch_size`` stays the *global* batch: rank r takes every N-th
+index of the epoch's order (``DistributedSampler``) in batches of ``batch_size / N``, so step s
+of an N-process run sees the same examples as step s of a 1-process run, and the gradient
+averaged over ranks is the one-process gradient (to rounding). Perturbation optimizers run
+their passes in ``no_sync()`` and all-reduce once per step (see :mod:`flatlab.optim`). Only the
+main process (rank 0) writes files or prints. ``precision="bf16"`` runs the forward passes
+under ``torch.autocast(bfloat16)``; weights, optimizer state, NSO's noise and the saved weight
+copies stay float32.
 
 A NaN or infinite loss stops the run (:class:`~flatlab.errors.DivergenceError`, exit status 3)
 with the files of the last completed save left untouched; ``on_nan="skip"`` instead undoes that
@@ -41,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 import flatlab
+from flatlab import distributed
 from flatlab.checkpoint import CHECKPOINT_NAME, load_state, save_checkpoint, save_state
 from flatlab.data import DATASETS, Dataset, load_dataset
 from flatlab.errors import ArgumentParser, DivergenceError, FlatlabError, run_cli
@@ -57,10 +68,12 @@ OPTIMIZER_NAMES = ("sgd", "sam", "asam", "rwp", "nso")
 SCHEDULES = ("none", "step", "cosine")
 ON_NAN = ("stop", "skip")
 NOISE_TYPES = ("absolute", "filter")
+PRECISIONS = ("fp32", "bf16")
 EVAL_BATCH_SIZE = 1024
 _RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, METRICS_NAME, CONFIG_NAME)
 # what may change when a run is resumed (everything else must match the saved config)
-_RESUMABLE_CHANGES = ("epochs", "device", "threads", "save_every_steps", "on_nan", "data_dir",
+_RESUMABLE_CHANGES = ("epochs", "device", "precision",
+                      "threads", "save_every_steps", "on_nan", "data_dir",
                       "out")
 SMALL_MODEL = 1_000_000  # parameters; below this, threads=0 means one CPU thread
 
@@ -89,6 +102,7 @@ class TrainConfig:
     rho: float | None = None
     noise: str | None = None
     clean_weight: float | None = None
+    independent_noise: bool = False
     epochs: int = 60
     batch_size: int = 128
     lr: float = 0.1
@@ -98,6 +112,7 @@ class TrainConfig:
     schedule: str = "cosine"
     seed: int = 0
     device: str = "auto"
+    precision: str = "fp32"
     threads: int = 0
     save_every_steps: int = 0
     on_nan: str = "stop"
@@ -171,6 +186,10 @@ class TrainConfig:
         _choice("optimizer", self.optimizer, OPTIMIZER_NAMES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("on_nan", self.on_nan, ON_NAN)
+        _choice("precision", self.precision, PRECISIONS)
+        if self.independent_noise and self.optimizer not in ("nso", "rwp"):
+            raise FlatlabError(f"--independent-noise applies to nso and rwp only, not "
+                               f"{self.optimizer!r}")
         if self.device not in DEVICES and not re.fullmatch(r"cuda:\d+", self.device):
             raise FlatlabError(f"--device: unknown device {self.device!r}; choose one of "
                                f"{', '.join(DEVICES)}")
@@ -202,9 +221,11 @@ _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "data_dir": (str, type(None)), "model": (str,), "model_kwargs": (dict,),
     "optimizer": (str,), "base_optimizer": (str,), "sigma": (float, type(None)),
     "num_perturbs": (int, type(None)), "rho": (float, type(None)),
-    "noise": (str, type(None)), "clean_weight": (float, type(None)), "epochs": (int,),
+    "noise": (str, type(None)), "clean_weight": (float, type(None)),
+    "independent_noise": (bool,), "epochs": (int,),
     "batch_size": (int,), "lr": (float,), "momentum": (float,), "weight_decay": (float,),
     "label_smoothing": (float,), "schedule": (str,), "seed": (int,), "device": (str,),
+    "precision": (str,),
     "threads": (int,), "save_every_steps": (int,), "on_nan": (str,), "out": (str, type(None)),
 }
 assert tuple(_FIELD_TYPES) == tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -374,8 +395,7 @@ def lr_factor(schedule: str, step: int, total_steps: int) -> float:
 
 
 def _is_main_process() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return distributed.is_main_process()
 
 
 def _say(message: str) -> None:
@@ -396,27 +416,36 @@ class _Run:
         self.out_dir = _resolve_out_dir(config, resume)
         self.state_path = self.out_dir / STATE_NAME
         saved = self._check_run_dir(resume)
-        self.device = resolve_device(config.device)
+        self.device = distributed.device_for(resolve_device(config.device))
+        self.world = distributed.world_size()
+        if config.batch_size % self.world:
+            raise FlatlabError(f"--batch-size {config.batch_size} (the global batch) must be "
+                               f"divisible by the number of processes, {self.world}")
         seed_everything(config.seed)
         self.data: Dataset = load_dataset(config.dataset, seed=config.data_seed,
                                           data_dir=config.data_dir, **config.dataset_kwargs)
-        self.model = build_model(config.model, self.data.input_shape, self.data.num_classes,
-                                 **config.model_kwargs).to(self.device)
-        self.model.train()
-        self.threads = _set_threads(config.threads, self.model, self.device)
+        # self.module: the network (save, load, evaluate); self.model: what the steps call,
+        # DistributedDataParallel(self.module) under torchrun (replicas start from rank 0's)
+        self.module = build_model(config.model, self.data.input_shape, self.data.num_classes,
+                                  **config.model_kwargs).to(self.device)
+        self.module.train()
+        self.threads = _set_threads(config.threads, self.module, self.device)
+        self.model = distributed.wrap_model(self.module)
         try:
             self.optimizer = build_optimizer(
                 config.optimizer, self.model.parameters(), lr=config.lr,
                 momentum=config.momentum, weight_decay=config.weight_decay, sigma=config.sigma,
                 num_perturbs=config.num_perturbs, rho=config.rho, noise=config.noise,
                 clean_weight=config.clean_weight, seed=config.seed,
-                base=config.base_optimizer, model=self.model)
+                base=config.base_optimizer, model=self.model,
+                independent_noise=config.independent_noise)
         except ValueError as err:
             raise FlatlabError(f"--optimizer {config.optimizer}: {err}") from None
         self.grad_evals_per_step = gradient_evaluations_per_step(self.optimizer)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        self.batches_per_epoch = len(batches_of(torch.arange(len(self.data.y_train)),
-                                                config.batch_size))
+        self.batches_per_epoch = len(batches_of(
+            epoch_order(len(self.data.y_train), 0, 0, world_size=self.world),
+            config.batch_size // self.world))
         total_steps = config.epochs * self.batches_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: lr_factor(config.schedule, step, total_steps))
@@ -460,9 +489,10 @@ class _Run:
         return state
 
     def _restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+        self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self._restore_noise(state.get("noise_states"))
         torch.set_rng_state(state["rng"]["torch"])
         cuda_states = state["rng"].get("cuda") or []
         if self.device.type == "cuda" and len(cuda_states) == torch.cuda.device_count():
@@ -475,7 +505,9 @@ class _Run:
         self.saved_at = (self.epoch, self.step)
 
     def _save_state(self) -> None:
+        noise_states = self._noise_states()  # a collective: every rank calls _save_state
         if not _is_main_process():
+            self.saved_at = (self.epoch, self.step)
             return
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
@@ -485,10 +517,30 @@ class _Run:
             "epoch": self.epoch, "batch": self.batch, "step": self.step,
             "grad_evals": self.grad_evals, "elapsed": self.elapsed,
             "metrics": self.metrics, "partial": dataclasses.asdict(self.partial),
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "rng": rng,
+            **({"noise_states": noise_states} if noise_states is not None else {}),
         })
         self.saved_at = (self.epoch, self.step)
+
+    def _noise_states(self) -> Tensor | None:
+        """With ``independent_noise`` on several processes: every rank's noise generator state
+        (one row per rank); otherwise None (rank 0's is in the optimizer state)."""
+        generator = getattr(self.optimizer, "generator", None)
+        if generator is None or not self.config.independent_noise or self.world == 1:
+            return None
+        return distributed.all_gather_cat(generator.get_state().unsqueeze(0))
+
+    def _restore_noise(self, noise_states: Tensor | None) -> None:
+        """Give each rank its own noise stream back (the optimizer state holds rank 0's)."""
+        generator = getattr(self.optimizer, "generator", None)
+        if generator is None or not self.config.independent_noise or self.world == 1:
+            return
+        if noise_states is not None and len(noise_states) == self.world:
+            generator.set_state(noise_states[distributed.rank()].clone())  # own storage
+        else:  # saved with another number of processes: new streams, one per rank
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            generator.manual_seed((seed + 1_000_003 * distributed.rank()) % 2**63)
 
     # ---- outputs
     def _write_outputs(self) -> None:
@@ -500,7 +552,7 @@ class _Run:
         writer.writerows(self.metrics)
         atomic_write_text(self.out_dir / METRICS_NAME, buffer.getvalue())
         last = self.metrics[-1] if self.metrics else {}
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.model, {
+        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.module, {
             "model": {"name": self.config.model, "kwargs": self.config.model_kwargs,
                       "input_shape": list(self.data.input_shape),
                       "num_classes": self.data.num_classes},
@@ -518,15 +570,19 @@ class _Run:
                   "weight_decay": c.weight_decay, "sigma": c.sigma,
                   "num_perturbs": c.num_perturbs, "rho": c.rho, "noise": c.noise,
                   "clean_weight": c.clean_weight, "schedule": c.schedule,
-                  "batch_size": c.batch_size, "label_smoothing": c.label_smoothing}
+                  "batch_size": c.batch_size, "label_smoothing": c.label_smoothing,
+                  "precision": None if c.precision == "fp32" else c.precision,
+                  "independent_noise": c.independent_noise or None}
         return {k: v for k, v in kwargs.items() if v is not None}
 
     # ---- training
     def run(self) -> TrainResult:
         c = self.config
         fresh = self.saved_at is None
-        if fresh and _is_main_process():
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.barrier()  # every rank has checked the run directory before rank 0 writes
+        if fresh:
+            if _is_main_process():
+                self.out_dir.mkdir(parents=True, exist_ok=True)
             self._save_state()  # step 0: from here on --resume always has something to load
         if _is_main_process():
             _remove_stale_temp_files(self.out_dir)
@@ -534,11 +590,12 @@ class _Run:
                 f"flatlab {flatlab.__version__} training config of {self.out_dir}\n"
                 f"re-run: python -m flatlab.train --config {self.out_dir / CONFIG_NAME} "
                 f"--out runs/NEW_NAME")))
-        n_params = sum(p.numel() for p in self.model.parameters())
+        n_params = sum(p.numel() for p in self.module.parameters())
         _say(f"flatlab.train: {c.dataset} ({len(self.y_train)} train / {len(self.y_test)} test)"
              f" | {c.model} ({n_params:,} parameters) | {c.optimizer}, {self.grad_evals_per_step}"
              f" gradient evaluation(s) per step | {c.epochs} epochs x {self.batches_per_epoch} "
              f"steps | {self.device}"
+             + (f" x {self.world} processes" if self.world > 1 else "")
              + (f" ({self.threads} thread{'s' * (self.threads > 1)})"
                 if self.device.type == "cpu" else "") + f" -> {self.out_dir}")
         if not fresh:
@@ -554,13 +611,16 @@ class _Run:
              f"{self.out_dir / METRICS_NAME} (one row per epoch), "
              f"{self.out_dir / CONFIG_NAME} (re-runnable config), "
              f"{self.state_path} (for --resume)")
+        distributed.barrier()  # the files exist for every rank when train() returns
         return TrainResult(self.out_dir, self.out_dir / CHECKPOINT_NAME, list(self.metrics))
 
     def _train_epoch(self) -> None:
         from tqdm.auto import tqdm
 
         c = self.config
-        batches = batches_of(epoch_order(len(self.y_train), c.seed, self.epoch), c.batch_size)
+        order = epoch_order(len(self.y_train), c.seed, self.epoch, rank=distributed.rank(),
+                            world_size=self.world)
+        batches = batches_of(order, c.batch_size // self.world)
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=self.batch, desc=f"epoch {self.epoch + 1}/"
                    f"{c.epochs}", leave=False, dynamic_ncols=True, file=sys.stderr,
@@ -592,7 +652,7 @@ class _Run:
         if totals.skipped == len(batches):
             raise DivergenceError(f"every step of epoch {self.epoch + 1} had a non-finite loss "
                                   f"and was skipped; {self._last_good()}")
-        test_loss, test_acc = evaluate(self.model, self.x_test, self.y_test)
+        test_loss, test_acc = evaluate(self.module, self.x_test, self.y_test)
         self._checkpoint_clock(totals, started)
         row = {"epoch": self.epoch + 1,
                "train_loss": totals.loss_sum / max(totals.count, 1),
@@ -621,10 +681,13 @@ class _Run:
         losses: list[Tensor] = []
         first: list[Tensor] = []
 
+        bf16 = self.config.precision == "bf16"
+
         def closure() -> Tensor:
             self.optimizer.zero_grad(set_to_none=True)
-            out = self.model(x)
-            loss = self.criterion(out, y)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                out = self.model(x)
+            loss = self.criterion(out.float(), y)
             loss.backward()
             losses.append(loss.detach())
             if not first:
@@ -635,28 +698,38 @@ class _Run:
         self.optimizer.step(closure)
         self.grad_evals += len(losses)
         values = torch.stack(losses).cpu() if losses else torch.zeros(1)
-        if bool(torch.isfinite(values).all()):
-            totals.loss_sum += float(values[0]) * len(y)
-            totals.correct += int(first[0]) if first else 0
-            totals.count += len(y)
+        finite = bool(torch.isfinite(values).all())
+        # [loss sum, correct, count, non-finite ranks] of the global batch: every rank gets the
+        # same statistics and takes the same branch below
+        stats = torch.tensor([float(values[0]) * len(y) if finite else 0.0,
+                              float(first[0]) if first and finite else 0.0,
+                              float(len(y)) if finite else 0.0, 0.0 if finite else 1.0],
+                             dtype=torch.float64)
+        if self.world > 1:
+            stats = distributed.all_reduce_sum(stats.to(self.device)).cpu()
+        if stats[3] == 0:
+            totals.loss_sum += float(stats[0])
+            totals.correct += round(float(stats[1]))
+            totals.count += round(float(stats[2]))
             return
-        bad = float(values[~torch.isfinite(values)][0])
+        what = (f"loss is {float(values[~torch.isfinite(values)][0])}" if not finite
+                else "loss is not finite on another process")
         if snapshot is None:
             raise DivergenceError(
-                f"loss is {bad} at step {self.step + 1} (epoch {self.epoch + 1}, batch "
+                f"{what} at step {self.step + 1} (epoch {self.epoch + 1}, batch "
                 f"{self.batch + 1}); stopped. {self._last_good()} "
                 f"(or retry with --on-nan skip, a lower --lr)")
         self._undo(snapshot)
         totals.skipped += 1
 
     def _snapshot(self) -> tuple[list[Tensor], dict]:
-        return ([t.detach().clone() for t in self.model.state_dict().values()],
+        return ([t.detach().clone() for t in self.module.state_dict().values()],
                 copy.deepcopy(self.optimizer.state_dict()))
 
     @torch.no_grad()
     def _undo(self, snapshot: tuple[list[Tensor], dict]) -> None:
         tensors, optimizer_state = snapshot
-        for current, saved in zip(self.model.state_dict().values(), tensors, strict=True):
+        for current, saved in zip(self.module.state_dict().values(), tensors, strict=True):
             current.copy_(saved)
         self.optimizer.load_state_dict(optimizer_state)
 
@@ -751,6 +824,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--rho", type=float, help="SAM/ASAM radius")
     p.add_argument("--noise", help="NSO/RWP noise: absolute or filter")
     p.add_argument("--clean-weight", type=float, help="NSO/RWP weight of the clean gradient")
+    p.add_argument("--independent-noise", action="store_const", const=True,
+                   help="NSO/RWP under torchrun: a different noise draw on every process "
+                        "(default: the same draw on all)")
     p.add_argument("--epochs", type=int, help="default 60")
     p.add_argument("--batch-size", type=int, help="default 128")
     p.add_argument("--lr", type=float, help="peak learning rate (default 0.1)")
@@ -760,6 +836,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--schedule", help="none, step or cosine (default cosine, per step)")
     p.add_argument("--seed", type=int, help="seed of init, data order and noise (default 0)")
     p.add_argument("--device", help="auto, cpu or cuda (default auto)")
+    p.add_argument("--precision", help="fp32 or bf16 (autocast for the forward passes; "
+                   "weights stay float32) (default fp32)")
     p.add_argument("--threads", type=int, help="CPU threads (default 0: one for models under "
                    "1M parameters, else torch's default)")
     p.add_argument("--out", metavar="RUN_DIR", help="run directory (default "
@@ -775,9 +853,10 @@ def build_parser() -> ArgumentParser:
 
 
 _FLAG_FIELDS = ("dataset", "data_dir", "data_seed", "model", "optimizer", "base_optimizer",
-                "sigma", "num_perturbs", "rho", "noise", "clean_weight", "epochs", "batch_size",
+                "sigma", "num_perturbs", "rho", "noise", "clean_weight", "independent_noise",
+                "epochs", "batch_size",
                 "lr", "momentum", "weight_decay", "label_smoothing", "schedule", "seed",
-                "device", "threads", "out", "save_every_steps", "on_nan")
+                "device", "precision", "threads", "out", "save_every_steps", "on_nan")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool, bool]:
@@ -831,7 +910,13 @@ def _parse_pair(pair: str, flag: str) -> tuple[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, resume, progress = parse_args(argv)
-    train(config, progress=progress, resume=resume)
+    # under torchrun: start the process group here and end it; a caller's group is left alone
+    started = not distributed.is_initialized() and distributed.init_from_env(config.device)
+    try:
+        train(config, progress=progress, resume=resume)
+    finally:
+        if started:
+            distributed.cleanup()
     return 0
 
 

@@ -164,7 +164,8 @@ def _communication_counts() -> dict:
 
 def _two_rank_checks(out: str, checkpoint: str) -> dict:
     return {"collectives": _collectives(), "comm": _communication_counts(),
-            "operator": _operator_on_ranks(), "analysis": _analyze_on_ranks(checkpoint)}
+            "operator": _operator_on_ranks(), "analysis": _analyze_on_ranks(checkpoint),
+            "training": _train_on_ranks(out)}
 
 
 @pytest.fixture(scope="module")
@@ -232,6 +233,188 @@ def test_perturbation_passes_run_without_ddp_reduces_and_reduce_once_per_step(tw
         # ``expected`` flat reduces per step, each of all gradients (+ one presence flag each)
         assert len(c["explicit"]) == STEPS * expected
         assert all(n == c["params"] + 4 for n in c["explicit"])
+
+
+# --------------------------------------------------------------------------- training
+
+
+TINY = {"dataset": "synthetic", "dataset_kwargs": {"train_size": 96, "test_size": 32},
+        "model": "mlp", "model_kwargs": {"hidden": [16]}, "epochs": 2, "batch_size": 16,
+        "lr": 0.1, "schedule": "cosine", "seed": 3, "device": "cpu"}
+TRAIN_CASES = {
+    "nso": {"optimizer": "nso", "sigma": 0.05, "num_perturbs": 2},
+    "sam": {"optimizer": "sam", "rho": 0.05},
+}
+
+
+def _checkpoint_weights(run_dir) -> dict:
+    from flatlab.checkpoint import read_checkpoint
+
+    tensors, metadata = read_checkpoint(f"{run_dir}/model.safetensors")
+    return {"weights": {k: v.tolist() for k, v in tensors.items()},
+            "epoch": metadata["epoch"], "step": metadata["step"]}
+
+
+def _train_on_ranks(out: str) -> dict:
+    """Every TRAIN_CASES run on this rank: one epoch, then resumed to the second; the
+    all-reduces each step makes are recorded by size."""
+    import torch.distributed as dist
+
+    from flatlab.errors import FlatlabError
+    from flatlab.train import TrainConfig, train
+
+    real_all_reduce = dist.all_reduce
+    sizes: list[int] = []
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        sizes.append(tensor.numel())
+        return real_all_reduce(tensor, *args, **kwargs)
+
+    results: dict = {}
+    dist.all_reduce = counting_all_reduce
+    try:
+        for name in TRAIN_CASES:
+            results[name] = _train_then_resume(name, out, sizes)
+        flat = {"independent_noise": True, "schedule": "none"}
+        results["nso-independent"] = _train_then_resume("nso", out, **flat)
+        for tag, independent in (("independent", True), ("shared", False)):
+            config = dict(TINY, **TRAIN_CASES["nso"], schedule="none",
+                          independent_noise=independent, out=f"{out}/straight-{tag}")
+            result = train(TrainConfig(**config), progress=False)
+            results[f"nso-{tag}-straight"] = _checkpoint_weights(result.out_dir)
+    finally:
+        dist.all_reduce = real_all_reduce
+    try:
+        train(TrainConfig(**dict(TINY, batch_size=15, out=f"{out}/odd")), progress=False)
+    except FlatlabError as err:
+        results["odd_batch_error"] = str(err)
+    return results
+
+
+def _train_then_resume(name: str, out, sizes: list | None = None, **changes) -> dict:
+    """TINY with TRAIN_CASES[name] (and ``changes``): one epoch (``sizes`` then holds the
+    all-reduce sizes), then ``--resume`` with ``epochs=2``; the final checkpoint, metrics."""
+    from flatlab.train import TrainConfig, train
+
+    tag = "-".join([name, *changes])
+    config = dict(TINY, **TRAIN_CASES[name], **changes, out=f"{out}/{tag}")
+    if sizes is not None:
+        sizes.clear()
+    train(TrainConfig(**dict(config, epochs=1)), progress=False)
+    first_epoch = list(sizes) if sizes is not None else None
+    result = train(TrainConfig(**config), progress=False, resume=True)
+    return {"metrics": result.metrics, "reduce_sizes": first_epoch,
+            **_checkpoint_weights(result.out_dir)}
+
+
+@pytest.fixture(scope="module")
+def two_process_training(two_ranks) -> list[dict]:
+    return [out["training"] for out in two_ranks]
+
+
+@pytest.mark.parametrize("name", TRAIN_CASES)
+def test_two_process_training_equals_one_process_with_the_same_global_batch(
+        two_process_training, tmp_path, name):
+    reference = _train_then_resume(name, tmp_path)
+    two = two_process_training[0][name]  # rank 0 wrote the files, every rank read them
+    assert two_process_training[1][name]["weights"] == two["weights"]
+    assert (two["epoch"], two["step"]) == (reference["epoch"], reference["step"]) == (2, 12)
+    for key, value in reference["weights"].items():
+        torch.testing.assert_close(torch.tensor(two["weights"][key]), torch.tensor(value),
+                                   rtol=1e-5, atol=1e-6)
+    for got, want in zip(two["metrics"], reference["metrics"], strict=True):
+        assert got["grad_evals"] == want["grad_evals"]  # per process = the one-process count
+        for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", TRAIN_CASES)
+def test_two_process_training_reduces_gradients_once_per_step(two_process_training, name):
+    params = 20 * 16 + 16 + 16 * 4 + 4
+    tensors = 4
+    gradient_reduces = {"nso": 1, "sam": 2}[name]  # SAM also averages g_0 for its ascent step
+    steps = 96 // 16
+    for rank in two_process_training:
+        sizes = rank[name]["reduce_sizes"]
+        # per step: the gradient reduce(s) of the perturbation optimizer and one 4-number
+        # reduce of the step's loss statistics; nothing else (no DDP bucket reduces)
+        assert sorted(sizes) == sorted([params + tensors] * gradient_reduces * steps
+                                       + [4] * steps)
+
+
+def test_the_global_batch_must_split_evenly_over_processes(two_process_training):
+    for rank in two_process_training:
+        assert rank["odd_batch_error"] == ("--batch-size 15 (the global batch) must be "
+                                           "divisible by the number of processes, 2")
+
+
+def test_independent_noise_per_process_changes_the_run_and_survives_resume(
+        two_process_training):
+    rank0 = two_process_training[0]
+    independent, shared = rank0["nso-independent-straight"], rank0["nso-shared-straight"]
+    gap = max(float((torch.tensor(independent["weights"][k]) - torch.tensor(v)).abs().max())
+              for k, v in shared["weights"].items())
+    assert 0 < gap < 0.1  # other noise draws, the same training otherwise
+    # every rank's own noise stream was saved and restored: resuming changes nothing
+    assert rank0["nso-independent"]["weights"] == independent["weights"]
+
+
+def test_independent_noise_is_refused_for_optimizers_without_noise():
+    from flatlab.errors import FlatlabError
+    from flatlab.train import TrainConfig
+
+    with pytest.raises(FlatlabError, match="--independent-noise applies to nso and rwp only"):
+        TrainConfig(**dict(TINY, optimizer="sam", independent_noise=True)).validate()
+
+
+def test_bf16_autocast_trains_with_float32_weights(tmp_path):
+    from flatlab.checkpoint import read_checkpoint
+    from flatlab.train import TrainConfig, train
+
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        config = TrainConfig(**dict(TINY, **TRAIN_CASES["nso"], epochs=1, precision=precision,
+                                    out=str(tmp_path / precision)))
+        runs[precision] = train(config, progress=False)
+    fp32, _ = read_checkpoint(runs["fp32"].checkpoint)
+    bf16, meta = read_checkpoint(runs["bf16"].checkpoint)
+    assert meta["optimizer"]["kwargs"]["precision"] == "bf16"
+    assert all(t.dtype == torch.float32 for t in bf16.values())
+    gaps = [float((bf16[k] - fp32[k]).abs().max()) for k in fp32]
+    assert 0 < max(gaps) < 0.05  # autocast was on (bf16 rounding), the run is the same run
+    assert runs["bf16"].metrics[0]["train_loss"] == pytest.approx(
+        runs["fp32"].metrics[0]["train_loss"], rel=0.02)
+
+
+def test_torchrun_command_line(tmp_path):
+    """``torchrun --nproc_per_node 2 -m flatlab.train``: exit 0, rank 0 alone prints and
+    writes, the weights of ``python -m flatlab.train`` with the same flags."""
+    import os
+    import subprocess
+    import sys
+
+    from flatlab.train import main
+
+    flags = ["--dataset", "synthetic", "--dataset-arg", "train_size=96", "--dataset-arg",
+             "test_size=32", "--model", "mlp", "--model-arg", "hidden=[16]", "--optimizer",
+             "nso", "--sigma", "0.05", "--epochs", "1", "--batch-size", "16", "--seed", "3",
+             "--device", "cpu", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "flatlab.train", *flags, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=SPAWN_TIMEOUT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("flatlab.train: synthetic") == 1  # rank 0 alone prints
+    assert "cpu x 2 processes" in proc.stdout
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "config.toml", "metrics.csv", "model.safetensors", "train_state.safetensors"]
+    assert main([*flags, "--out", str(tmp_path / "one")]) == 0
+    two = _checkpoint_weights(tmp_path / "two")["weights"]
+    for key, value in _checkpoint_weights(tmp_path / "one")["weights"].items():
+        torch.testing.assert_close(torch.tensor(two[key]), torch.tensor(value), rtol=1e-5,
+                                   atol=1e-6)
+
 
 
 # --------------------------------------------------------------------------- analysis
