@@ -42,6 +42,7 @@ import flatlab
 from flatlab import distributed, landscape
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
 from flatlab.io import atomic_write_text
+from flatlab.runtime import set_threads
 
 ANALYSIS_JSON = "analysis.json"
 SUMMARY_CSV = "summary.csv"
@@ -76,6 +77,7 @@ class AnalyzeOptions:
     bn: str = "stored"                   # landscape BatchNorm statistics: stored | recompute
     interpolate: tuple[str, str] | None = None  # two checkpoint names or paths
     device: str = "auto"
+    threads: int = 0                     # CPU threads; 0: one for models under 1M parameters
     data_dir: str | None = None
     trust_pickle: bool = False
     progress: bool = True
@@ -96,6 +98,7 @@ class AnalyzeOptions:
             self.trace_method, 1))
         positive_int("density_runs", self.density_runs)
         positive_int("density_steps", self.density_steps)
+        positive_int("threads", self.threads, 0)
         if self.mode not in landscape.MODES:
             raise FlatlabError(f"mode must be one of {', '.join(landscape.MODES)}, "
                                f"got {self.mode!r}")
@@ -332,6 +335,9 @@ def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
     torch.manual_seed(options.seed)
     loss_fn = nn.CrossEntropyLoss()
     stages = _stages(options)
+    saved_threads = torch.get_num_threads()
+    set_threads(options.threads, max(sum(p.numel() for p in ck.model.parameters())
+                                     for ck in loaded), next(loaded[0].model.parameters()).device)
     bar = tqdm(total=len(loaded) * len(stages) + (options.interpolate is not None),
                disable=not options.progress or not distributed.is_main_process(),
                desc="analyze", unit="stage", file=sys.stderr)
@@ -342,10 +348,12 @@ def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
             batches = _batches_for(ck, options)
             batches_of[ck.name] = batches
             entry = _entry_header(ck, batches.num_samples)
+            operator: list = []  # one HessianOperator per checkpoint, built by the first stage
             for stage in stages:
                 bar.set_description(f"{ck.name}: {stage}")
-                entry.update(_run_stage(stage, ck, batches, loss_fn, options))
+                entry.update(_run_stage(stage, ck, batches, loss_fn, options, operator))
                 bar.update()
+            del operator  # frees its cached gradient graphs before the next checkpoint
             entries.append(entry)
         interpolation = None
         if options.interpolate is not None:
@@ -359,6 +367,7 @@ def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
             bar.update()
     finally:
         bar.close()
+        torch.set_num_threads(saved_threads)  # a library call leaves the process as it was
     return _jsonable({
         "flatlab_version": flatlab.__version__,
         "command": options.command,
@@ -406,7 +415,10 @@ def _entry_header(ck: LoadedCheckpoint, num_samples: int) -> dict:
 
 
 def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn,
-               options: AnalyzeOptions) -> dict:
+               options: AnalyzeOptions, operator: list) -> dict:
+    """One measurement of one checkpoint. ``operator`` holds the checkpoint's
+    :class:`~flatlab.hessian.HessianOperator` once a Hessian stage has built it, so trace,
+    eigenvalues and density share its cached gradient graphs (same numbers, less work)."""
     model = ck.model
     # Under torchrun, loss and landscape points are split across ranks (each rank sees the whole
     # subset); Hessian products shard the samples and all-reduce.
@@ -433,12 +445,15 @@ def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn
 
     from flatlab import hessian
 
-    if spread:
-        shard = SubsetBatches(batches.x, batches.y, distributed.shard(batches.indices),
-                              batches.batch_size, batches.device)
-        op = hessian.HessianOperator(model, loss_fn, shard, mode=options.mode, distributed=True)
-    else:
-        op = hessian.HessianOperator(model, loss_fn, batches, mode=options.mode)
+    if not operator:
+        if spread:
+            shard = SubsetBatches(batches.x, batches.y, distributed.shard(batches.indices),
+                                  batches.batch_size, batches.device)
+            operator.append(hessian.HessianOperator(model, loss_fn, shard, mode=options.mode,
+                                                    distributed=True))
+        else:
+            operator.append(hessian.HessianOperator(model, loss_fn, batches, mode=options.mode))
+    op = operator[0]
     if stage == "trace":
         res = hessian.trace(op, num_matvecs=options.trace_matvecs, method=options.trace_method,
                             seed=options.seed)
@@ -578,11 +593,13 @@ def write_figures(analysis: Mapping, out_dir: Path) -> list[Path]:
 
 
 def write_outputs(analysis: Mapping, out_dir: str | Path, *, report: bool = False,
-                  baseline: str | None = None) -> Path:
-    """Write figures, ``summary.csv``, ``analysis.json`` (last, each atomically) and with
-    ``report`` the comparison report (``flatlab.report.write_report``). Returns the JSON path."""
+                  baseline: str | None = None, figures: bool = True) -> Path:
+    """Write figures (``plots/NAME/*.png``, unless ``figures=False``), ``summary.csv``,
+    ``analysis.json`` (last, each atomically) and with ``report`` the comparison report
+    (``flatlab.report.write_report``). Returns the JSON path."""
     out_dir = Path(out_dir)
-    write_figures(analysis, out_dir)
+    if figures:
+        write_figures(analysis, out_dir)
     atomic_write_text(out_dir / SUMMARY_CSV, summary_csv(analysis))
     path = out_dir / ANALYSIS_JSON
     atomic_write_text(path, dumps_json(analysis) + "\n")
@@ -682,6 +699,9 @@ def build_parser() -> ArgumentParser:
                      help="BatchNorm statistics for slices: stored (default) or recompute "
                           "at each point")
     how.add_argument("--device", default="auto")
+    how.add_argument("--threads", type=_int_at_least(0, "--threads"), default=0,
+                     help="CPU threads (default 0: one for models under 1M parameters, else "
+                          "torch's default)")
     how.add_argument("--data-dir", default=None)
     how.add_argument("--trust-pickle", action="store_true",
                      help="allow torch.save checkpoints (loaded with weights_only=True)")
@@ -706,6 +726,7 @@ def options_from_args(args, argv: Sequence[str]) -> AnalyzeOptions:
         density_runs=args.density_runs, density_steps=args.density_steps,
         grid_points=args.grid_points, landscape_range=args.landscape_range, bn=args.bn,
         interpolate=tuple(args.interpolate) if args.interpolate else None, device=args.device,
+        threads=args.threads,
         data_dir=args.data_dir, trust_pickle=args.trust_pickle, progress=not args.no_progress,
         command="python -m flatlab.analyze " + shlex.join(argv))
     if chosen:

@@ -9,8 +9,8 @@ The MLP overfits MNIST-1D (train ~96%, test ~65%), which leaves room for flatnes
 The runs go to ``OUT/runs/{sgd,sam,nso}``; then each is analysed on the same 1000 training
 samples (Hessian trace, top-5 eigenvalues, spectral density, 1-D and 2-D loss slices, SGD -> NSO
 interpolation) and ``OUT/index.html`` / ``OUT/report.md`` compare them against SGD.
-``--quick`` trains 5 epochs and analyses 256 samples with small budgets and no density (a
-smoke test, not a result).
+``--quick`` trains 5 epochs and analyses 256 samples with small budgets (a smoke test, not a
+result).
 
 Re-running into the same ``OUT`` reuses every finished run whose configuration matches, resumes
 an interrupted one, and refuses (exit 2, nothing touched) where ``OUT/runs/NAME`` holds a run
@@ -19,17 +19,13 @@ with a different configuration.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
-from flatlab.io import atomic_write_text
 
 DEFAULT_OUT = "reports/demo"
 DEFAULT_EPOCHS = 40
@@ -62,9 +58,9 @@ def analysis_options(*, quick: bool, command: str | None = None, progress: bool 
                              samples=1000, seed=0, trace_matvecs=100,
                              interpolate=(BASELINE, "nso"), device="cpu", progress=progress,
                              command=command)
-    if quick:  # density has no budget knob (4 x 64 products): skipped
+    if quick:
         options.samples, options.eigenvalues, options.trace_matvecs = 256, 3, 20
-        options.grid_points, options.density = 5, False
+        options.grid_points, options.density_runs, options.density_steps = 5, 2, 16
     options.validate()
     return options
 
@@ -73,6 +69,9 @@ def analyze_command(run_dirs: Sequence[str], options, out: str | Path) -> str:
     """The ``python -m flatlab.analyze`` command that computes the same analysis."""
     args = [*run_dirs, "--trace", "--eigenvalues", str(options.eigenvalues)]
     args += ["--density"] if options.density else []
+    if (options.density_runs, options.density_steps) != (4, 64):
+        args += ["--density-runs", str(options.density_runs),
+                 "--density-steps", str(options.density_steps)]
     for kind in options.landscape:
         args += ["--landscape", kind]
     if options.grid_points is not None:
@@ -122,7 +121,7 @@ def ensure_run(config, *, progress: bool = True) -> str:
 def run_demo(out: str | Path = DEFAULT_OUT, *, epochs: int | None = None, quick: bool = False,
              progress: bool = True, command: str | None = None) -> Path:
     """Train (or reuse) the three runs, analyse them, write the report; return index.html."""
-    from flatlab.analyze import ANALYSIS_JSON, SUMMARY_CSV, analyze, summary_csv
+    from flatlab.analyze import analyze, write_outputs
     from flatlab.report import write_report
 
     out = Path(out)
@@ -143,14 +142,8 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, epochs: int | None = None, quick:
     options.command = analyze_command(run_dirs, options, out)
     _say(f"[{time.perf_counter() - started:5.0f} s] analysing {', '.join(configs)} on "
          f"{options.samples} training samples")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small model: intra-op threads cost more than they give (busy CPU)
-    try:
-        analysis = analyze(run_dirs, options)
-    finally:
-        torch.set_num_threads(threads)
-    atomic_write_text(out / ANALYSIS_JSON, json.dumps(analysis, indent=1, allow_nan=False) + "\n")
-    atomic_write_text(out / SUMMARY_CSV, summary_csv(analysis))
+    analysis = analyze(run_dirs, options)  # one CPU thread: the MLP is small
+    write_outputs(analysis, out, figures=False)  # analysis.json, summary.csv; the report draws
     index = write_report(analysis, out, baseline=BASELINE, command=command,
                          title="flatlab demo: SGD vs SAM vs NSO on MNIST-1D")
     _say(f"[{time.perf_counter() - started:5.0f} s] done")

@@ -28,3 +28,20 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+SMALL_MODEL = 1_000_000  # parameters; below this, threads=0 means one CPU thread
+
+
+def set_threads(threads: int, num_params: int, device: torch.device) -> int:
+    """Apply ``threads`` to torch's intra-op pool and return the number now in use.
+
+    ``threads=0`` picks: one thread for a model under :data:`SMALL_MODEL` parameters on the CPU
+    (intra-op threading does not pay for itself on small layers, and on a busy machine its
+    spinning threads make a small model many times slower), else torch's current setting.
+    """
+    if threads == 0 and device.type == "cpu" and num_params < SMALL_MODEL:
+        threads = 1
+    if threads > 0:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

@@ -57,7 +57,7 @@ from flatlab.data import DATASETS, Dataset, load_dataset
 from flatlab.errors import ArgumentParser, DivergenceError, FlatlabError, run_cli
 from flatlab.io import atomic_write_text
 from flatlab.models import MODELS, build_model
-from flatlab.runtime import DEVICES, resolve_device, seed_everything
+from flatlab.runtime import DEVICES, resolve_device, seed_everything, set_threads
 
 STATE_NAME = "train_state.safetensors"
 METRICS_NAME = "metrics.csv"
@@ -75,7 +75,6 @@ _RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, METRICS_NAME, CONFIG_NAME)
 _RESUMABLE_CHANGES = ("epochs", "device", "precision",
                       "threads", "save_every_steps", "on_nan", "data_dir",
                       "out")
-SMALL_MODEL = 1_000_000  # parameters; below this, threads=0 means one CPU thread
 
 
 # --------------------------------------------------------------------------- configuration
@@ -429,7 +428,8 @@ class _Run:
         self.module = build_model(config.model, self.data.input_shape, self.data.num_classes,
                                   **config.model_kwargs).to(self.device)
         self.module.train()
-        self.threads = _set_threads(config.threads, self.module, self.device)
+        self.threads = set_threads(config.threads, sum(p.numel() for p in self.module.parameters()),
+                                   self.device)
         self.model = distributed.wrap_model(self.module)
         try:
             self.optimizer = build_optimizer(
@@ -750,20 +750,6 @@ class _EpochTotals:
     skipped: int = 0
     seconds: float = 0.0
     lr: float = 0.0
-
-
-def _set_threads(threads: int, model: nn.Module, device: torch.device) -> int:
-    """Apply ``threads`` (0: one thread for a small model on the CPU, else torch's default).
-
-    Intra-op threading does not pay for itself on small layers, and on a busy machine its
-    spinning threads make a small model many times slower.
-    """
-    if threads == 0 and device.type == "cpu":
-        if sum(p.numel() for p in model.parameters()) < SMALL_MODEL:
-            threads = 1
-    if threads > 0:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 def _resolve_out_dir(config: TrainConfig, resume: bool) -> Path:

@@ -187,6 +187,43 @@ def test_same_seed_same_numbers(runs):
     assert other["checkpoints"][0]["loss"] != first["checkpoints"][0]["loss"]
 
 
+def test_hessian_stages_share_one_operator_and_threads_are_restored(runs, tmp_path,
+                                                                    monkeypatch):
+    hessian = _hessian()
+    sgd, nso = runs
+    built = []
+    original = hessian.HessianOperator
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hessian, "HessianOperator", counting)
+    options = A.AnalyzeOptions(trace=True, eigenvalues=2, density=True, landscape=(),
+                               samples=40, trace_matvecs=8, density_runs=1, density_steps=6,
+                               progress=False)
+    shared = A.analyze([sgd, nso], options)
+    assert len(built) == 2 and built[0] is not built[1]  # one per checkpoint, not per stage
+    monkeypatch.setattr(hessian, "HessianOperator", original)
+    for stage in ("trace", "eigenvalues", "density"):  # each stage alone: the same numbers
+        alone = A.analyze([sgd, nso], A.AnalyzeOptions(**{
+            **options.__dict__, "trace": stage == "trace",
+            "eigenvalues": 2 if stage == "eigenvalues" else 0, "density": stage == "density"}))
+        for a, b in zip(shared["checkpoints"], alone["checkpoints"], strict=True):
+            assert a[stage] == b[stage]
+
+    torch.set_num_threads(2)
+    try:
+        A.analyze([sgd], A.AnalyzeOptions(trace=False, eigenvalues=0, density=False,
+                                          landscape=(), samples=10, progress=False))
+        assert torch.get_num_threads() == 2  # analyze ran on 1 thread and put 2 back
+    finally:
+        torch.set_num_threads(1)
+    out = tmp_path / "no-figures"
+    A.write_outputs(shared, out, figures=False)
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "summary.csv"]
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -360,6 +360,8 @@ def test_demo_quick_end_to_end_reuses_runs_and_refuses_other_configs(tmp_path, m
     on_disk = {p.relative_to(out).as_posix() for p in out.glob("*.png")} | {
         p.relative_to(out).as_posix() for p in (out / "figures").glob("*.png")}
     assert on_disk == set(page.images) and "figures/training_curves.png" in on_disk
+    assert "figures/density.png" in on_disk  # --quick keeps a (small) density
+    assert not (out / "plots").exists()  # analyze's per-checkpoint figures are not drawn
     html_text = (out / "index.html").read_text(encoding="utf-8")
     top = html_text[: html_text.index("<h2>")]
     command = "python -m flatlab.demo --out demo --quick --epochs 1"  # --no-progress left out
