@@ -20,7 +20,6 @@ from flatlab.data import load_dataset
 from flatlab.errors import run_cli
 from flatlab.models import build_model
 
-torch.set_num_threads(1)
 DATA_SPEC = dict(seed=0, train_size=120, test_size=40, input_shape=[6], num_classes=3)
 
 

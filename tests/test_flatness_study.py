@@ -13,9 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
-torch.set_num_threads(1)
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flatness_study.py"
 
 

@@ -11,8 +11,6 @@ from torch import nn
 
 from flatlab import landscape as L
 
-torch.set_num_threads(1)
-
 
 class TinyCNN(nn.Module):
     """Conv + BatchNorm + GroupNorm + LayerNorm + Linear: every kind of parameter."""
