@@ -41,6 +41,7 @@ from flatlab.hessian._common import apply, check_operator, generator, rademacher
 __all__ = ["DensityResult", "spectral_density"]
 
 _BREAKDOWN = 1e-10
+_DGKS = 2 ** -0.5  # second reorthogonalisation pass when the norm fell below this
 
 
 @dataclass(frozen=True)
@@ -67,22 +68,32 @@ def _block_lanczos_runs(op: Any, starts: Tensor, steps: int) -> tuple[Tensor, Te
     through one block ``matvec`` per step. Returns ``alphas (R, steps)``, ``betas (R, steps)``
     and the number of valid steps per run."""
     size, runs = starts.shape
-    basis = torch.empty(steps, size, runs, dtype=torch.float64, device=starts.device)
+    # basis[r, j] = run r's j-th Lanczos vector: each run's vectors are contiguous rows, so the
+    # reorthogonalisation is two batched matrix products without copying the basis
+    basis = torch.empty(runs, steps, size, dtype=torch.float64, device=starts.device)
     alphas = torch.zeros(runs, steps, dtype=torch.float64)
     betas = torch.zeros(runs, steps, dtype=torch.float64)
     lengths = torch.full((runs,), steps, dtype=torch.long)
     alive = torch.ones(runs, dtype=torch.bool, device=starts.device)
     q = starts.clone()
     for j in range(steps):
-        basis[j] = q
+        basis[:, j] = q.T
         w = apply(op, q)
         alpha = (q * w).sum(dim=0)
         w -= alpha * q
         if j > 0:
-            w -= betas[:, j - 1].to(w.device) * basis[j - 1]
+            w -= betas[:, j - 1].to(w.device) * basis[:, j - 1].T
+        done = basis[:, : j + 1]                                  # (runs, j + 1, size)
+        rows = w.T.unsqueeze(2)                                   # (runs, size, 1)
+        # classical Gram-Schmidt against the whole basis, repeated only where it removed much
+        # of w (DGKS criterion, eta = 1/sqrt(2)): once is enough while orthogonality holds
         for _ in range(2):
-            coefficients = torch.einsum("spr,pr->sr", basis[:j + 1], w)
-            w -= torch.einsum("spr,sr->pr", basis[:j + 1], coefficients)
+            before = torch.linalg.vector_norm(rows, dim=(1, 2))
+            coefficients = torch.bmm(done, rows)                  # (runs, j + 1, 1)
+            rows = rows - torch.bmm(done.transpose(1, 2), coefficients)
+            if bool((torch.linalg.vector_norm(rows, dim=(1, 2)) >= _DGKS * before).all()):
+                break
+        w = rows.squeeze(2).T
         beta = torch.linalg.vector_norm(w, dim=0)
         alphas[:, j] = torch.where(alive, alpha, 0.0).cpu()
         if j == steps - 1:
