@@ -128,10 +128,13 @@ def display_table(table: pd.DataFrame, analysis: Mapping) -> pd.DataFrame:
         "grad evals": [_fmt_int(v) for v in table["grad_evals"]],
         "test acc (%)": [_fmt_pct(v) for v in table["test_acc"]],
         "train loss": [_fmt(v) for v in table["train_loss"]],
+        "loss at W": [_fmt(v) for v in table["analysis_loss"]],
         "gap (pts)": [_fmt_pct(v) for v in table["gap"]],
         "trace ± s.e.": [_fmt_trace(t, s) for t, s in zip(table["trace"], table["trace_stderr"],
                                                            strict=True)],
     })
+    if table["analysis_loss"].isna().all():
+        out = out.drop(columns="loss at W")
     for column in lambdas:
         i = int(column.split("_")[1]) - 1
         out[f"λ{i + 1}"] = [
@@ -520,7 +523,10 @@ def _summary_note(base_name: str, analysis: Mapping) -> str:
     shared = f"Settings shared by every run: {shared}. " if shared else ""
     return (f"Baseline: {base_name}. {shared}Test accuracy, train loss and the gap "
             "(train acc − test acc, percentage points) come from each checkpoint's own final "
-            "metrics; trace and eigenvalues are of the full Hessian on the analysis samples. "
+            "metrics (train loss: the epoch's average over each step's first pass, which for "
+            "NSO is at the perturbed weights W + U; \"loss at W\" is the loss at the "
+            "checkpoint's own weights on the analysis samples); trace and eigenvalues are of "
+            "the full Hessian on the analysis samples. "
             "Δ columns are relative changes (x − baseline) / |baseline|. "
             "λ values marked * did not converge (Ritz residual above tolerance).")
 

@@ -218,6 +218,7 @@ def test_displayed_numbers_and_markdown_table_match_html(full_report):
         tmp_path / "report.md").read_text(encoding="utf-8")
     assert (nso["epochs"], nso["grad evals"]) == ("5", "3000")
     assert (nso["test acc (%)"], nso["train loss"], nso["gap (pts)"]) == ("81.25", "0.375", "6.25")
+    assert nso["loss at W"] == "0.5"  # analysis loss at the checkpoint's weights
     assert nso["trace ± s.e."] == "100 ± 2"
     # the third eigenvalue of nso did not converge: flagged with *
     assert (nso["λ1"], nso["λ2"], nso["λ3"]) == ("40", "20", "10*")
