@@ -71,6 +71,10 @@ from flatlab.io import atomic_path, atomic_write_text
 
 DEFAULT_OUT = Path("reports/flatness")
 DEFAULT_RUNS = Path("runs/flatness-study")
+# TrainConfig fields added after the study first ran, at the value that reproduces the earlier
+# behaviour: left out of a run's key at that value, so results.csv and the cached runs stay valid
+_NEUTRAL = {"precision": "fp32", "independent_noise": False}
+_UNSET = object()
 QUICK_OUT = Path("runs/flatness-quick")
 RESULTS_CSV, SWEEP_CSV, SUMMARY_CSV, COMPARISON_CSV = (
     "results.csv", "sweep.csv", "summary.csv", "comparison.csv")
@@ -246,7 +250,8 @@ class RunSpec:
         ignore = {"out", "device", "threads"}
         payload = {"phase": self.phase, "variant": self.variant.name,
                    "budgets": self.variant.budgets,
-                   "config": {k: v for k, v in self.config.items() if k not in ignore},
+                   "config": {k: v for k, v in self.config.items()
+                              if k not in ignore and _NEUTRAL.get(k, _UNSET) != v},
                    "analysis": self.analysis}
         text = json.dumps(payload, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
