@@ -237,3 +237,15 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     study.run_study(config, out, runs_dir, command="TEST-COMMAND", say=messages.append)
     assert not any(m.startswith("[") for m in messages), messages
     assert (out / study.RESULTS_CSV).read_text() == before
+
+
+def test_run_keys_ignore_later_fields_at_their_neutral_values():
+    full = study.full_config()
+    run = study.sweep_runs(full)[0]
+    assert run.config["precision"] == "fp32" and run.config["independent_noise"] is False
+    older = dict(run.config)
+    del older["precision"], older["independent_noise"]  # a config from before those fields
+    key = study.RunSpec(**{**run.__dict__, "config": older}).key
+    assert key == run.key
+    bf16 = study.RunSpec(**{**run.__dict__, "config": dict(run.config, precision="bf16")})
+    assert bf16.key != run.key  # a value that changes the numbers changes the key
