@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         results: dict[str, list[dict]] = {}
         for repeat in range(args.repeats):
             for name, world, threads in configs[repeat % 3:] + configs[:repeat % 3]:
-                ranks = distributed.spawn(timed_analysis, world, args=(checkpoint, options),
+                ranks = distributed.spawn(timed_analysis, world,
+                                          args=(checkpoint, dict(options, threads=threads)),
                                           threads=threads, timeout=1800)
                 times[name].append(max(r["seconds"] for r in ranks))
                 cpu_times[name].append(max(r["cpu_seconds"] for r in ranks))

@@ -81,7 +81,7 @@ def analyse(checkpoint: Path, device: torch.device, args) -> dict:
     options = AnalyzeOptions(trace=True, eigenvalues=args.eigenvalues, density=True,
                              landscape=("1d",), samples=args.samples,
                              trace_matvecs=args.trace_matvecs, device=str(device),
-                             progress=False,
+                             threads=torch.get_num_threads(), progress=False,
                              command=f"python benchmarks/gpu_check.py --device {device.type}")
     return analyze([checkpoint], options)
 
