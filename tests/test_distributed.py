@@ -522,17 +522,7 @@ def _flat_loss(model, flat, x, y):
     return nn.functional.cross_entropy(torch.func.functional_call(model, params, (x,)), y)
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, as each spawned rank has (spinning threads on a shared 2-core machine
-    make small models many times slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_distributed_analysis_equals_one_process(two_ranks, one_thread):
+def test_distributed_analysis_equals_one_process(two_ranks):
     """Trace, top eigenvalues and the 1-D slice of ``analyze`` on 2 ranks equal the
     one-process numbers (sums in another order: float tolerance; the slice exactly)."""
     from flatlab.analyze import AnalyzeOptions, analyze

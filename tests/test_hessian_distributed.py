@@ -53,12 +53,7 @@ def two_ranks() -> list[dict]:
 @pytest.fixture(scope="module")
 def one_process() -> dict:
     _, x, y = make_case("cnn")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return _analyses([(x, y)])
-    finally:
-        torch.set_num_threads(threads)
+    return _analyses([(x, y)])
 
 
 @pytest.mark.parametrize("sharding", ["unequal", "lopsided"])

@@ -44,15 +44,6 @@ class Counting:
         return self.op.matvec(v)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~50x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mlp():
     """``(HessianOperator, exact Hessian)`` of the tiny tanh MLP over three unequal batches."""

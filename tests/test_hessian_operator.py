@@ -32,15 +32,6 @@ class WithUnused(nn.Module):
         return torch.tanh(self.used(x))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is ~50x faster than two on a loaded 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_case(name: str, *, samples: int = 20, dtype: torch.dtype = torch.float64):
     """``(model, x, y)``: tiny float64 models whose full Hessian is cheap to form."""
     torch.manual_seed(0)

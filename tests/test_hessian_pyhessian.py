@@ -18,14 +18,6 @@ from flatlab.hessian import HessianOperator, top_eigenvalues, trace
 pyhessian = pytest.importorskip("pyhessian")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def problem():
     torch.manual_seed(0)
