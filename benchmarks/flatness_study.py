@@ -146,8 +146,9 @@ class StudyConfig:
 
 
 SWEEP: dict[str, tuple[str, tuple[float, ...]]] = {
-    "sam": ("rho", (0.02, 0.05, 0.1, 0.2)),
-    "asam": ("rho", (0.2, 0.5, 1.0, 2.0)),
+    # SAM/ASAM grids were widened twice where the sweep kept choosing an edge value
+    "sam": ("rho", (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
+    "asam": ("rho", (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)),
     "rwp": ("sigma", (0.01, 0.02, 0.05, 0.1)),   # filter-relative noise (RWP's default)
     "nso": ("sigma", (0.01, 0.02, 0.05, 0.1)),   # absolute noise (NSO's default)
 }
@@ -440,6 +441,15 @@ def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int,
             for i, future in enumerate(as_completed(futures), 1):
                 record(futures[future], future.result(), i)
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def planned_rows(rows: pd.DataFrame, runs: Sequence[RunSpec]) -> pd.DataFrame:
+    """The rows of ``runs``, in plan order; rows of runs no longer planned (a grid value or a
+    chosen hyperparameter that changed) stay in results.csv but are left out."""
+    order = {run.key: i for i, run in enumerate(runs)}
+    keys = rows["key"].astype(str)
+    picked = rows[keys.isin(order)]
+    return picked.iloc[keys[keys.isin(order)].map(order).argsort()]
 
 
 def _describe(run: RunSpec, row: dict) -> str:
@@ -800,10 +810,11 @@ def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, com
     """results.csv rows -> sweep/summary/comparison CSVs, figures, report.md, index.html."""
     from flatlab.report import save_figure
 
-    plan_keys = {r.key for r in sweep_runs(study)}
-    chosen, sweep = select_hyperparameters(rows)
-    plan_keys |= {r.key for r in final_runs(study, chosen)}
-    used = rows[rows["key"].astype(str).isin(plan_keys)]
+    planned = sweep_runs(study)
+    swept = planned_rows(rows, planned)
+    chosen, sweep = select_hyperparameters(swept)
+    planned += final_runs(study, chosen)
+    used = planned_rows(rows, planned)
     summary = summarize(used)
     comparison = compare(summary)
     write_csv(sweep, out / SWEEP_CSV)
@@ -834,7 +845,7 @@ def write_study_report(study: StudyConfig, rows: pd.DataFrame, out: Path, *, com
         page.p(f"{len(failed)} run(s) did not finish (diverged) and are left out of the "
                "aggregates: " + "; ".join(f"{r.run_name}: {r.status}"
                                           for r in failed.itertuples()))
-    missing = len(plan_keys) - len(used)
+    missing = len(planned) - len(used)
     if missing:
         page.p(f"**Incomplete**: {missing} planned run(s) have no result yet.")
 
@@ -963,7 +974,7 @@ def run_study(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1,
     runs = sweep_runs(study)
     before = len(read_results(out))
     rows = run_all(runs, out, runs_dir, jobs=jobs, say=say) if runs else read_results(out)
-    chosen, _ = select_hyperparameters(rows)
+    chosen, _ = select_hyperparameters(planned_rows(rows, runs))
     for setting in study.settings:
         for optimizer in [o for o in study.sweep if o in {m.optimizer for m in study.methods}]:
             hyper = chosen.get((setting.name, optimizer))

@@ -249,3 +249,12 @@ def test_run_keys_ignore_later_fields_at_their_neutral_values():
     assert key == run.key
     bf16 = study.RunSpec(**{**run.__dict__, "config": dict(run.config, precision="bf16")})
     assert bf16.key != run.key  # a value that changes the numbers changes the key
+
+
+def test_planned_rows_follow_the_plan_and_drop_stale_runs():
+    from types import SimpleNamespace
+
+    rows = pd.DataFrame({"key": ["c", "stale", "a", "b"], "value": [3, 0, 1, 2]})
+    plan = [SimpleNamespace(key=k) for k in ("a", "b", "c", "not-run-yet")]
+    picked = study.planned_rows(rows, plan)
+    assert picked["key"].tolist() == ["a", "b", "c"] and picked["value"].tolist() == [1, 2, 3]
