@@ -18,8 +18,8 @@ per step x epochs. Two comparisons:
   the 2-pass methods are the same runs as above.
 
 Hyperparameters. The learning rate, momentum, weight decay, batch size and schedule are shared
-by all methods. rho (SAM, ASAM) and sigma (NSO, RWP) are chosen per setting by a sweep of
-four values each, trained with seed 0 on 80% of the training split and scored by accuracy on
+by all methods. rho (SAM, ASAM) and sigma (NSO, RWP) are chosen per setting by a sweep over
+the grids in ``SWEEP``, trained with seed 0 on 80% of the training split and scored by accuracy on
 the held-out 20% (``Dataset.split_validation``; the test split is never seen). NSO k=2 uses
 the sigma chosen for NSO k=1. Final runs then train on the full training split with seeds
 0..S-1.
