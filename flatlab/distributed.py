@@ -378,6 +378,9 @@ def _spawn_worker(fn: Callable[..., Any], worker_rank: int, size: int, store: st
                                 timeout=datetime.timedelta(seconds=max(math.ceil(timeout), 1)))
         try:
             value = fn(*args)
+            # no rank tears the group down while another still talks to it (gloo can abort
+            # a process at exit otherwise)
+            dist.barrier()
         finally:
             dist.destroy_process_group()
     except BaseException:  # report everything, including SystemExit, to the parent

@@ -616,6 +616,7 @@ DDP_METHODS = ("nso", "sam", "nso_independent")
 
 def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
     import datetime
+    import gc
 
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -623,28 +624,36 @@ def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank,
                             world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    def run(method: str) -> None:
+        ddp = nn.parallel.DistributedDataParallel(mlp())
+        reduces = []
+
+        def counting_hook(state, bucket, reduces=reduces):
+            reduces.append(1)
+            return allreduce_hook(None, bucket)
+
+        ddp.register_comm_hook(None, counting_hook)
+        opt = ddp_optimizer(method, ddp.parameters(), ddp)
+        x, y = batch(n=16)
+        shard = slice(rank * 8, (rank + 1) * 8)
+        calls: list = []
+        for _ in range(3):
+            opt.step(mlp_closure(ddp, opt, x[shard], y[shard], calls))
+        in_steps = len(reduces)
+        nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()  # counted
+        torch.save({"weights": params_of(ddp.module), "reduces": in_steps,
+                    "after_plain_backward": len(reduces), "first_point": calls[0]},
+                   f"{out}/{method}-rank{rank}.pt")
+
     try:
         for method in DDP_METHODS:
-            ddp = nn.parallel.DistributedDataParallel(mlp())
-            reduces = []
-
-            def counting_hook(state, bucket, reduces=reduces):
-                reduces.append(1)
-                return allreduce_hook(None, bucket)
-
-            ddp.register_comm_hook(None, counting_hook)
-            opt = ddp_optimizer(method, ddp.parameters(), ddp)
-            x, y = batch(n=16)
-            shard = slice(rank * 8, (rank + 1) * 8)
-            calls: list = []
-            for _ in range(3):
-                opt.step(mlp_closure(ddp, opt, x[shard], y[shard], calls))
-            in_steps = len(reduces)
-            nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()  # counted
-            torch.save({"weights": params_of(ddp.module), "reduces": in_steps,
-                        "after_plain_backward": len(reduces), "first_point": calls[0]},
-                       f"{out}/{method}-rank{rank}.pt")
+            run(method)
     finally:
+        # every DDP wrapper (its reducer holds the group) is gone before the group is
+        # destroyed; otherwise gloo may abort the process at exit ("terminate called without
+        # an active exception")
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
