@@ -22,7 +22,6 @@ writes ``analysis.json``, ``summary.csv`` and per-checkpoint figures under
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
@@ -42,7 +41,7 @@ import flatlab
 from flatlab import distributed, landscape
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
 from flatlab.io import atomic_write_text
-from flatlab.runtime import set_threads
+from flatlab.runtime import exact_float32, set_threads
 
 ANALYSIS_JSON = "analysis.json"
 SUMMARY_CSV = "summary.csv"
@@ -307,19 +306,8 @@ def analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
     """Analyse checkpoints (paths/run directories, or :func:`load_checkpoints` output) and return
     the ``analysis.json`` dict. Writes nothing. On CUDA every product runs in full float32
     (TF32 off while it runs), so the numbers match the CPU's to rounding."""
-    with _full_float32():
+    with exact_float32():
         return _analyze(checkpoints, options)
-
-
-@contextlib.contextmanager
-def _full_float32() -> Iterator[None]:
-    """No TF32 for CUDA matmuls and convolutions (cuDNN allows it by default, ~1e-3 error)."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
