@@ -390,7 +390,9 @@ def write_report(analysis: Mapping, out_dir: str | os.PathLike, *, baseline: str
     figure_specs: list[tuple[str, str, Callable[[], Figure | None], str]] = [
         ("Training curves", "training_curves.png",
          lambda: plot_training_curves(load_metrics(checkpoints, metrics), colors),
-         "Per-epoch loss and accuracy from each run's metrics.csv."),
+         "Per-epoch loss and accuracy from each run's metrics.csv. Train values average each "
+         "step's first pass, which for NSO (and RWP without a clean pass) is at the perturbed "
+         "weights W + U, so its train curve sits above the loss at W."),
         ("Top Hessian eigenvalues", "eigenvalues.png",
          lambda: plot_eigenvalues(checkpoints, colors),
          "Largest eigenvalues of the full-parameter Hessian on the analysis samples."),
