@@ -446,10 +446,8 @@ def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int,
 def planned_rows(rows: pd.DataFrame, runs: Sequence[RunSpec]) -> pd.DataFrame:
     """The rows of ``runs``, in plan order; rows of runs no longer planned (a grid value or a
     chosen hyperparameter that changed) stay in results.csv but are left out."""
-    order = {run.key: i for i, run in enumerate(runs)}
-    keys = rows["key"].astype(str)
-    picked = rows[keys.isin(order)]
-    return picked.iloc[keys[keys.isin(order)].map(order).argsort()]
+    position = rows["key"].astype(str).map({run.key: i for i, run in enumerate(runs)})
+    return rows[position.notna()].iloc[position.dropna().argsort()]
 
 
 def _describe(run: RunSpec, row: dict) -> str:

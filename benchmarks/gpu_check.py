@@ -36,7 +36,7 @@ from torch import nn
 
 from flatlab.errors import ArgumentParser, run_cli
 from flatlab.io import atomic_write_text
-from flatlab.runtime import resolve_device
+from flatlab.runtime import exact_float32, resolve_device
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "gpu_check"
 OPTIMIZERS = ("sgd", "sam", "asam", "rwp", "nso")
@@ -46,14 +46,6 @@ COMPARED = ("loss", "accuracy", "trace", "eigenvalues", "landscape_1d", "density
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def exact_float32() -> None:
-    """Full float32 matmuls and convolutions on CUDA (no TF32): analysis numbers must not
-    depend on the card's fast paths."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
 
 
 # --------------------------------------------------------------------------- 1. train
@@ -241,12 +233,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the analysis and timings (default: torch's)")
     args = parser.parse_args(argv)
+    with exact_float32():  # full float32 (no TF32) throughout: timings and checks alike
+        return check(args)
+
+
+def check(args) -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     cpu = torch.device("cpu")
-    exact_float32()
     args.out.mkdir(parents=True, exist_ok=True)
     clock: dict[str, float] = {}
 

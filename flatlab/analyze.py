@@ -47,6 +47,7 @@ ANALYSIS_JSON = "analysis.json"
 SUMMARY_CSV = "summary.csv"
 PLOTS_DIR = "plots"  # the report owns figures/; per-checkpoint figures live under plots/<name>/
 LANDSCAPES = ("1d", "2d")
+HESSIAN_STAGES = ("trace", "eigenvalues", "density")  # the stages that share one operator
 TRACE_METHODS = ("hutch++", "hutchinson")  # as flatlab.hessian.TRACE_METHODS
 MIN_TRACE_MATVECS = {"hutch++": 4, "hutchinson": 2}
 DEFAULT_GRID = {"1d": 21, "2d": 11, "interpolation": 21}
@@ -336,12 +337,14 @@ def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
             batches = _batches_for(ck, options)
             batches_of[ck.name] = batches
             entry = _entry_header(ck, batches.num_samples)
-            operator: list = []  # one HessianOperator per checkpoint, built by the first stage
+            op = None  # one HessianOperator per checkpoint, shared by its Hessian stages
             for stage in stages:
                 bar.set_description(f"{ck.name}: {stage}")
-                entry.update(_run_stage(stage, ck, batches, loss_fn, options, operator))
+                if op is None and stage in HESSIAN_STAGES:
+                    op = _hessian_operator(ck, batches, loss_fn, options)
+                entry.update(_run_stage(stage, ck, batches, loss_fn, options, op))
                 bar.update()
-            del operator  # frees its cached gradient graphs before the next checkpoint
+            op = None  # frees its cached gradient graphs before the next checkpoint
             entries.append(entry)
         interpolation = None
         if options.interpolate is not None:
@@ -402,11 +405,24 @@ def _entry_header(ck: LoadedCheckpoint, num_samples: int) -> dict:
     }
 
 
+def _hessian_operator(ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn,
+                      options: AnalyzeOptions):
+    """The checkpoint's Hessian on the analysis subset; under torchrun each rank takes a shard
+    of the samples and every product is all-reduced."""
+    from flatlab import hessian
+
+    if distributed.world_size() > 1:
+        shard = SubsetBatches(batches.x, batches.y, distributed.shard(batches.indices),
+                              batches.batch_size, batches.device)
+        return hessian.HessianOperator(ck.model, loss_fn, shard, mode=options.mode,
+                                       distributed=True)
+    return hessian.HessianOperator(ck.model, loss_fn, batches, mode=options.mode)
+
+
 def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn,
-               options: AnalyzeOptions, operator: list) -> dict:
-    """One measurement of one checkpoint. ``operator`` holds the checkpoint's
-    :class:`~flatlab.hessian.HessianOperator` once a Hessian stage has built it, so trace,
-    eigenvalues and density share its cached gradient graphs (same numbers, less work)."""
+               options: AnalyzeOptions, op) -> dict:
+    """One measurement of one checkpoint. The Hessian stages get the checkpoint's operator
+    ``op``, shared so that they build its cached gradient graphs once (same numbers)."""
     model = ck.model
     # Under torchrun, loss and landscape points are split across ranks (each rank sees the whole
     # subset); Hessian products shard the samples and all-reduce.
@@ -433,15 +449,6 @@ def _run_stage(stage: str, ck: LoadedCheckpoint, batches: SubsetBatches, loss_fn
 
     from flatlab import hessian
 
-    if not operator:
-        if spread:
-            shard = SubsetBatches(batches.x, batches.y, distributed.shard(batches.indices),
-                                  batches.batch_size, batches.device)
-            operator.append(hessian.HessianOperator(model, loss_fn, shard, mode=options.mode,
-                                                    distributed=True))
-        else:
-            operator.append(hessian.HessianOperator(model, loss_fn, batches, mode=options.mode))
-    op = operator[0]
     if stage == "trace":
         res = hessian.trace(op, num_matvecs=options.trace_matvecs, method=options.trace_method,
                             seed=options.seed)
