@@ -1,8 +1,10 @@
 """User-facing errors and the command-line wrapper that turns them into one line and an exit code.
 
-Library code raises :class:`FlatlabError` (or a subclass) for anything the *user* got wrong:
-bad flags, missing or corrupt files, unknown names. The CLIs catch it, print one line on stderr
-and exit with its ``exit_code`` (2 for bad input, 3 for a diverged run). Bugs stay tracebacks.
+Library code raises :class:`FlatlabError` (a :class:`ValueError`, so ``except ValueError`` in a
+user's script catches it) for anything the *user* got wrong: bad arguments, missing or corrupt
+files, unknown names. Only the command-line tools turn it into one line on stderr and the exit
+status ``exit_code`` (2 for bad input, 3 for a diverged run), through :func:`run_cli`. Bugs
+stay tracebacks.
 """
 
 from __future__ import annotations
@@ -10,10 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
+
+from flatlab import __version__
 
 
-class FlatlabError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
+class FlatlabError(ValueError):
+    """Bad input from the user: reported by the CLIs as one line, exit status 2."""
 
     exit_code = 2
 
@@ -25,10 +30,32 @@ class DivergenceError(FlatlabError):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """An ``argparse`` parser whose errors are one line on stderr and exit status 2."""
+    """An ``argparse`` parser whose errors are one line on stderr and exit status 2.
+
+    Abbreviated long options are refused by default (``allow_abbrev=False``: ``--eigen 5``
+    is an error, not ``--eigenvalues 5``). A ``type=`` function may raise :class:`FlatlabError`
+    to give its own message.
+    """
+
+    def __init__(self, *args: Any, allow_abbrev: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=allow_abbrev, **kwargs)
+
+    def add_version(self) -> None:
+        """Add ``--version``: prints ``flatlab <version>`` and exits 0."""
+        self.add_argument("--version", action="version", version=f"flatlab {__version__}")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise FlatlabError(f"{self.prog}: {message}")
+
+    def _get_value(self, action: argparse.Action, arg_string: str) -> Any:
+        # argparse turns any ValueError of a type function into "invalid <type> value";
+        # a FlatlabError (a ValueError) keeps its own message
+        try:
+            return super()._get_value(action, arg_string)
+        except argparse.ArgumentError as err:
+            if isinstance(err.__context__, FlatlabError):
+                raise err.__context__ from None
+            raise
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None,

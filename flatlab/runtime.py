@@ -1,4 +1,4 @@
-"""Device choice and seeding shared by the command-line tools."""
+"""Device choice, seeding, threads and numeric precision shared by the command-line tools."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ import torch
 from flatlab.errors import FlatlabError
 
 DEVICES = ("auto", "cpu", "cuda")
+# --precision: the dtype the forward passes run in under torch.autocast (None: no autocast)
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -60,3 +62,11 @@ def exact_float32() -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """``torch.autocast`` for ``precision`` (a key of :data:`AUTOCAST_DTYPES`) on ``device``;
+    disabled for ``"fp32"``. Weights and optimizer state are untouched: only the operations
+    inside run in the lower precision."""
+    dtype = AUTOCAST_DTYPES[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)

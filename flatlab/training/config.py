@@ -1,0 +1,97 @@
+"""``TrainConfig``: every training hyperparameter, each declared once (see :mod:`.fields`).
+
+A field's declaration is its type (the annotation), default, constraint, help text and flag;
+``config.toml``, the command line, type checking and validation are generated from it. To add a
+hyperparameter: declare it here and use it where it acts (usually :mod:`flatlab.optim` or
+:mod:`.trainer`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flatlab.data import DATASETS
+from flatlab.errors import FlatlabError
+from flatlab.models import MODELS
+from flatlab.optim import BASE_OPTIMIZERS, NOISE_TYPES, OPTIMIZERS
+from flatlab.runtime import AUTOCAST_DTYPES, DEVICES
+from flatlab.training.fields import DeclaredConfig, option
+
+SCHEDULES = ("none", "step", "cosine")
+ON_NAN = ("stop", "skip")
+PRECISIONS = tuple(AUTOCAST_DTYPES)
+SEED_MAX = 2**32 - 1
+
+
+@dataclass
+class TrainConfig(DeclaredConfig):
+    """Everything that defines a training run; the TOML file and the flags set these fields.
+
+    Method arguments left ``None`` (``sigma``, ``num_perturbs``, ``rho``, ``noise``,
+    ``clean_weight``) take the optimizer's own default. ``out=None`` picks
+    ``runs/<dataset>-<model>-<optimizer>`` (with ``-2``, ``-3``, ... if that is taken).
+    """
+
+    # ---- data and model
+    dataset: str = option("mnist1d", f"one of {', '.join(DATASETS)}", choices=DATASETS)
+    dataset_kwargs: dict = option(
+        {}, "data set argument (repeatable), e.g. train_size=256", flag="--dataset-arg",
+        metavar="KEY=VALUE")
+    data_seed: int = option(0, "seed of the data split/generation", low=0, high=SEED_MAX)
+    data_dir: str | None = option(None, "directory with CIFAR python files", resumable=True)
+    model: str = option(
+        "cnn1d", f"one of {', '.join(MODELS)} or package.module:factory", choices=MODELS,
+        pattern=r".*:.*", pattern_text=" or 'package.module:factory'")
+    model_kwargs: dict = option(
+        {}, "model argument (repeatable), e.g. hidden=[64,64] or depth=20", flag="--model-arg",
+        metavar="KEY=VALUE")
+    # ---- optimizer
+    optimizer: str = option("sgd", f"one of {', '.join(OPTIMIZERS)}", choices=OPTIMIZERS)
+    base_optimizer: str = option(
+        "sgd", f"base optimizer under the method: {', '.join(BASE_OPTIMIZERS)}",
+        record="always", record_as="base")
+    sigma: float | None = option(None, "NSO/RWP noise scale", low=0.0, record="changed")
+    num_perturbs: int | None = option(None, "NSO/RWP perturbations per step (k)", low=1,
+                                      record="changed")
+    rho: float | None = option(None, "SAM/ASAM radius", low=0.0, low_open=True,
+                               record="changed")
+    noise: str | None = option(None, f"NSO/RWP noise: {' or '.join(NOISE_TYPES)}",
+                               choices=NOISE_TYPES, record="changed")
+    clean_weight: float | None = option(None, "NSO/RWP weight of the clean gradient", low=0.0,
+                                        high=1.0, record="changed")
+    independent_noise: bool = option(
+        False, "NSO/RWP under torchrun: a different noise draw on every process (default: the "
+        "same draw on all)", record="changed")
+    # ---- schedule
+    epochs: int = option(60, "number of epochs", low=1, resumable=True)
+    batch_size: int = option(128, "global batch size", low=1, record="always")
+    lr: float = option(0.1, "peak learning rate", low=0.0, record="always")
+    momentum: float = option(0.9, "SGD momentum", low=0.0, high=1.0, high_open=True,
+                             record="always")
+    weight_decay: float = option(5e-4, "weight decay", low=0.0, record="always")
+    label_smoothing: float = option(0.0, "label smoothing of the cross-entropy", low=0.0,
+                                    high=1.0, high_open=True, record="always")
+    schedule: str = option("cosine", "learning-rate schedule, per step: none, step (x0.1 at "
+                           "50% and 75% of the steps) or cosine", choices=SCHEDULES,
+                           record="always")
+    seed: int = option(0, "seed of init, data order and noise", low=0, high=SEED_MAX)
+    # ---- how it runs
+    device: str = option("auto", "auto, cpu or cuda", choices=DEVICES, pattern=r"cuda:\d+",
+                         resumable=True)
+    precision: str = option("fp32", "fp32 or bf16 (autocast for the forward passes; weights "
+                            "stay float32)", choices=PRECISIONS, resumable=True,
+                            record="changed")
+    threads: int = option(0, "CPU threads (0: one for models under 1M parameters, else "
+                          "torch's default)", low=0, high=1024, resumable=True)
+    save_every_steps: int = option(0, "also save the training state every N steps (0: each "
+                                   "epoch only)", low=0, metavar="N", resumable=True)
+    on_nan: str = option("stop", "on a non-finite loss: stop (exit 3) or skip the step",
+                         choices=ON_NAN, resumable=True)
+    out: str | None = option(None, "run directory (default runs/DATASET-MODEL-OPTIMIZER, "
+                             "numbered if taken)", metavar="RUN_DIR", resumable=True,
+                             in_file=False)
+
+    def check_together(self) -> None:
+        if self.independent_noise and self.optimizer not in ("nso", "rwp"):
+            raise FlatlabError(f"--independent-noise applies to nso and rwp only, not "
+                               f"{self.optimizer!r}")
