@@ -420,3 +420,62 @@ def test_infinite_loss_from_a_huge_learning_rate(tmp_path):
         train(tiny_config(tmp_path / "a", lr=1e30, epochs=3, momentum=0.0, weight_decay=0.0),
               progress=False)
     assert err.value.exit_code == 3
+
+
+# --------------------------------------------------------------------------- generated CLI
+
+def _other_value(f):
+    """A valid value of field ``f`` other than its default (and its command-line text)."""
+    if f.value_type is bool:
+        return True, None
+    if f.value_type is dict:
+        return {"k": [1, 2]}, "k=[1, 2]"
+    if f.rule.choices:
+        value = next(c for c in f.rule.choices if c != f.default)
+        return value, value
+    if f.value_type is str:
+        return "some/where", "some/where"
+    low = f.rule.low if f.rule.low is not None else 0
+    value = f.value_type(low + 1 if f.rule.high is None or low + 1 < f.rule.high else
+                         (low + f.rule.high) / 2)
+    if value == f.default:
+        value = f.value_type(low + 2) if f.rule.high is None else f.value_type(f.rule.high * 0.75)
+    return value, repr(value)
+
+
+def test_every_config_field_has_a_flag_help_and_a_toml_round_trip():
+    from flatlab.training.cli import build_parser
+
+    parser = build_parser()
+    flags = {s: a for a in parser._actions for s in a.option_strings}
+    declared = TrainConfig.declared()
+    assert [f.name for f in declared] == list(TrainConfig.__dataclass_fields__)
+    for f in declared:
+        assert f.flag in flags and flags[f.flag].dest == f.name, f.name
+        assert f.rule.help and flags[f.flag].help.startswith(f.rule.help), f.name
+        value, text = _other_value(f)
+        assert value != f.default, f.name
+        # the flag sets the field
+        argv = [f.flag] if text is None else [f.flag, text]
+        parsed = vars(parser.parse_args(argv))[f.name]
+        assert parsed == ([text] if f.value_type is dict else value), f.name
+        # the file keeps it (``out`` is the one field never written: it names the file's run)
+        config = TrainConfig(**{f.name: value})
+        back = TrainConfig.from_toml_text(config.to_toml())
+        assert getattr(back, f.name) == (f.default if not f.rule.in_file else value), f.name
+    assert [f.name for f in declared if not f.rule.in_file] == ["out"]
+
+
+@pytest.mark.parametrize("args", [["--epoch", "3"], ["--batch", "8"], ["--model-a", "x=1"]])
+def test_abbreviated_flags_are_refused(tmp_path, capsys, args):
+    code = run_cli(main, [*TINY, *args, "--out", str(tmp_path / "r")], prog="flatlab.train")
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("flatlab.train: unrecognized arguments: " + args[0]), err
+    assert not (tmp_path / "r").exists()
+
+
+def test_version_flag(tmp_path):
+    import flatlab
+
+    result = run_module(["--version"], cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout == f"flatlab {flatlab.__version__}\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flatlab.data import DATASETS
-from flatlab.errors import FlatlabError
 from flatlab.models import MODELS
 from flatlab.optim import BASE_OPTIMIZERS, NOISE_TYPES, OPTIMIZERS
 from flatlab.runtime import AUTOCAST_DTYPES, DEVICES
@@ -61,7 +60,7 @@ class TrainConfig(DeclaredConfig):
                                         high=1.0, record="changed")
     independent_noise: bool = option(
         False, "NSO/RWP under torchrun: a different noise draw on every process (default: the "
-        "same draw on all)", record="changed")
+        "same draw on all)", record="changed", only_with=("optimizer", ("nso", "rwp")))
     # ---- schedule
     epochs: int = option(60, "number of epochs", low=1, resumable=True)
     batch_size: int = option(128, "global batch size", low=1, record="always")
@@ -90,8 +89,3 @@ class TrainConfig(DeclaredConfig):
     out: str | None = option(None, "run directory (default runs/DATASET-MODEL-OPTIMIZER, "
                              "numbered if taken)", metavar="RUN_DIR", resumable=True,
                              in_file=False)
-
-    def check_together(self) -> None:
-        if self.independent_noise and self.optimizer not in ("nso", "rwp"):
-            raise FlatlabError(f"--independent-noise applies to nso and rwp only, not "
-                               f"{self.optimizer!r}")

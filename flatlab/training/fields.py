@@ -41,8 +41,8 @@ class Rule:
     defaults to ``--name-with-dashes``. ``resumable``: may differ when a run is resumed.
     ``in_file``: written to the TOML file at all; ``write_default``: written even when equal to
     the default. ``record``: ``"always"`` or ``"changed"`` (when not the default) in the
-    checkpoint's optimizer record,
-    under ``record_as`` (default: the name).
+    checkpoint's optimizer record, under ``record_as`` (default: the name). ``only_with =
+    (other, values)``: a value other than the default needs field ``other`` in ``values``.
     """
 
     help: str
@@ -60,6 +60,7 @@ class Rule:
     write_default: bool = True
     record: str | None = None
     record_as: str = ""
+    only_with: tuple[str, tuple[str, ...]] | None = None
 
 
 def option(default: Any, help: str, **rule: Any) -> Any:
@@ -122,6 +123,17 @@ class Declared:
                                    f"{', '.join(rule.choices)}{rule.pattern_text}")
         if rule.low is not None or rule.high is not None:
             _bounded(self.flag, value, rule)
+
+    def check_applies(self, config: DeclaredConfig) -> None:
+        """``only_with``: a value set away from the default must be one that acts."""
+        if self.rule.only_with is None or getattr(config, self.name) == self.default:
+            return
+        other, values = self.rule.only_with
+        current = getattr(config, other)
+        if current not in values:
+            flag = next(f.flag for f in config.declared() if f.name == other)
+            raise FlatlabError(f"{self.flag} applies to {' and '.join(values)} only, not "
+                               f"{flag} {current!r}")
 
 
 T = TypeVar("T", bound="DeclaredConfig")
@@ -197,17 +209,15 @@ class DeclaredConfig:
         return "\n".join(lines) + "\n"
 
     def validate(self: T) -> T:
-        """Check every value's type and constraint, then :meth:`check_together`; the first bad
+        """Check every value's type and constraint, then the ``only_with`` rules; the first bad
         value raises a FlatlabError naming its flag."""
         for f in self.declared():
             value = getattr(self, f.name)
             f.coerce(value, f.flag)
             f.check(value)
-        self.check_together()
+        for f in self.declared():
+            f.check_applies(self)
         return self
-
-    def check_together(self) -> None:
-        """Rules between fields (override)."""
 
     def record(self) -> dict[str, Any]:
         """The fields declared ``record=``: ``"always"``, or ``"changed"`` when not the default."""
