@@ -31,8 +31,9 @@ bench: setup
 	$(BIN)/python benchmarks/hessian_speed.py
 	$(BIN)/python benchmarks/hessian_accuracy.py
 
+# Regenerates reports/scratch/ (reuses every run already in its results.csv).
 study: setup
-	$(BIN)/python benchmarks/flatness_study.py
+	$(BIN)/python -m flatlab.study scratch
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,52 +1,46 @@
-"""benchmarks/flatness_study.py: budget matching, aggregation math, and the whole pipeline on a
+"""flatlab.study: budget matching, aggregation math, run keys, and the whole pipeline on a
 tiny synthetic setting (sweep on a validation split -> final runs -> analysis -> report ->
 resume)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flatness_study.py"
+from flatlab.errors import FlatlabError
+from flatlab.study import plan, scratch
+from flatlab.study.pipeline import run_study
+from flatlab.study.report import SUMMARY_CSV
+from flatlab.study.runner import RESULTS_CSV, planned_rows
+from flatlab.study.statistics import compare, scorecard, select_hyperparameters, summarize
 
-
-def _load_study():
-    spec = importlib.util.spec_from_file_location("flatness_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up here
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_study()
+METHODS = scratch.METHODS
 
 
 # --------------------------------------------------------------------------- budgets
 
 
 def test_passes_per_step_come_from_the_library():
-    counts = {m.label: study.passes_per_step(m.optimizer, m.num_perturbs) for m in study.METHODS}
+    counts = {m.label: plan.passes_per_step(m.optimizer, m.num_perturbs) for m in METHODS}
     assert counts == {"sgd": 1, "sam": 2, "asam": 2, "rwp": 2, "nso k=1": 2, "nso k=2": 4}
 
 
 @pytest.mark.parametrize("epochs", [2, 4, 60])
 def test_budget_matching_gives_equal_gradient_evaluations(epochs):
-    variants = study.plan_variants(study.METHODS, epochs)
+    variants = plan.plan_variants(METHODS, epochs)
     by_name = {v.name: v for v in variants}
     assert sorted(by_name) == sorted(["sgd", "sgd (2E)", "sam", "asam", "rwp", "nso k=1",
                                       "nso k=2", "nso k=2 (E/2)"])
-    matched = [v for v in variants if study.SAME_GRADS in v.budgets]
-    same_epochs = [v for v in variants if study.SAME_EPOCHS in v.budgets]
+    matched = [v for v in variants if plan.SAME_GRADS in v.budgets]
+    same_epochs = [v for v in variants if plan.SAME_EPOCHS in v.budgets]
     # every method once per comparison
-    assert sorted(v.method.label for v in matched) == sorted(m.label for m in study.METHODS)
-    assert sorted(v.method.label for v in same_epochs) == sorted(m.label for m in study.METHODS)
+    assert sorted(v.method.label for v in matched) == sorted(m.label for m in METHODS)
+    assert sorted(v.method.label for v in same_epochs) == sorted(m.label for m in METHODS)
     assert {v.passes_per_example for v in matched} == {2 * epochs}
     assert {v.epochs for v in same_epochs} == {epochs}
     assert by_name["sgd (2E)"].epochs == 2 * epochs
@@ -55,10 +49,10 @@ def test_budget_matching_gives_equal_gradient_evaluations(epochs):
 
 
 def test_budget_that_cannot_be_matched_is_an_error():
-    with pytest.raises(study.FlatlabError, match="cannot match"):
-        study.plan_variants(study.METHODS, 3)  # NSO k=2 would need 1.5 epochs
-    assert study.matched_epochs(3, 1, 2) == 6
-    assert study.matched_epochs(6, 4, 2) == 3
+    with pytest.raises(FlatlabError, match="cannot match"):
+        plan.plan_variants(METHODS, 3)  # NSO k=2 would need 1.5 epochs
+    assert plan.matched_epochs(3, 1, 2) == 6
+    assert plan.matched_epochs(6, 4, 2) == 3
 
 
 # --------------------------------------------------------------------------- aggregation
@@ -89,7 +83,7 @@ def test_summary_mean_and_sample_std():
     rows = _rows({("a", "sgd"): [(0.80, 10.0, 2.0), (0.82, 14.0, 3.0), (0.84, 12.0, 4.0)],
                   ("a", "nso k=1"): [(0.90, 7.0, 1.0), (0.86, 9.0, 1.5)]})
     rows.loc[len(rows)] = dict(rows.iloc[0], key="x", status="diverged: nan", test_acc=0.0)
-    summary = study.summarize(rows).set_index("variant")
+    summary = summarize(rows).set_index("variant")
     assert summary.loc["sgd", "n"] == 3 and summary.loc["nso k=1", "n"] == 2  # diverged left out
     assert summary.loc["sgd", "test_acc_mean"] == pytest.approx(0.82, abs=1e-12)
     assert summary.loc["sgd", "test_acc_std"] == pytest.approx(0.02, abs=1e-12)
@@ -110,7 +104,7 @@ def test_comparison_against_the_best_baseline_per_quantity():
         ("b", "rwp"): [(0.6, 6.0, 2.0), (0.6, 6.0, 2.0)],
         ("b", "nso k=1"): [(0.7, 2.0, 3.0), (0.7, 2.0, 3.0)],
     })
-    comparison = study.compare(study.summarize(rows))
+    comparison = compare(summarize(rows), rows)
     key = ["setting", "budget", "nso", "quantity"]
     c = comparison.set_index(key)
     epochs = c.loc[("a", "same epochs", "nso k=1")]
@@ -121,8 +115,13 @@ def test_comparison_against_the_best_baseline_per_quantity():
     assert epochs.loc["lambda_1", "best_baseline"] == "sgd"
     assert epochs.loc["lambda_1", "change"] == pytest.approx((2.0 - 1.1) / 1.1)
     assert epochs.loc["trace", "change_vs_sam"] == pytest.approx((9.0 - 22.0) / 22.0)
-    # Welch: nso trace std 0, rwp std sqrt(8) -> t = -3 / sqrt(8 / 2)
-    assert epochs.loc["trace", "t"] == pytest.approx(-3.0 / math.sqrt(8.0 / 2))
+    # paired by seed: d = (9 - 10, 9 - 14) = (-1, -5), mean -3, sd sqrt(8), se 2: t = -1.5 with
+    # 1 degree of freedom (Student t with 1 df is Cauchy: p = 1 - 2 atan(1.5) / pi)
+    trace = epochs.loc["trace"]
+    assert trace["test"] == "paired" and trace["df"] == 1
+    assert trace["t"] == pytest.approx(-3.0 / math.sqrt(8.0 / 2), rel=1e-12)
+    assert trace["p"] == pytest.approx(1 - 2 * math.atan(1.5) / math.pi, rel=1e-9)
+    assert trace["ci_high"] - trace["diff"] == pytest.approx(12.706204736 * 2.0, rel=1e-8)
     # sgd is not in the same-gradient-evaluations group: sam now has the lowest lambda_1
     grads = c.loc[("a", "same gradient evaluations", "nso k=1")]
     assert grads.loc["lambda_1", "best_baseline"] == "rwp"
@@ -134,13 +133,17 @@ def test_comparison_against_the_best_baseline_per_quantity():
     assert mean["change"] == pytest.approx(((9 - 12) / 12 + (2 - 4) / 4) / 2)
     assert mean["change_vs_sam"] == pytest.approx(((9 - 22) / 22 + (2 - 5) / 5) / 2)
 
-    card = study.scorecard(comparison).set_index(["budget", "NSO", "quantity"])
+    card = scorecard(comparison).set_index(["budget", "NSO", "quantity"])
     epochs = card.loc[("same epochs", "nso k=1")]
-    assert epochs.loc["trace", "better than best baseline"] == "2 of 2"
-    assert epochs.loc["trace", "by ≥ 2 s.e."] == "0 of 2"  # t = -1.5 in a, no spread in b
+    # lower mean trace in both settings, but significant in neither (p = 0.37 in a, no spread
+    # of the differences in b): the scorecard counts only significant differences
+    assert epochs.loc["trace", "better than best baseline"] == "0 of 2"
+    assert epochs.loc["trace", "worse than best baseline"] == "0 of 2"
     assert epochs.loc["λ1", "better than best baseline"] == "0 of 2"
-    assert epochs.loc["λ1", "better than SAM"] == "1 of 2"
-    assert epochs.loc["test acc", "better than SAM"] == "2 of 2"
+    # vs SAM in a: d = (-0.9, -1.5), t = -4 with 1 df, p = 1 - 2 atan(4) / pi = 0.16
+    assert c.loc[("a", "same epochs", "nso k=1", "lambda_1"), "vs_sam_t"] == pytest.approx(-4.0)
+    assert epochs.loc["λ1", "better than SAM"] == "0 of 2"
+    assert epochs.loc["test acc", "better than SAM"] == "0 of 2"
 
 
 def test_sweep_selection_takes_best_validation_accuracy_then_lower_loss():
@@ -154,7 +157,7 @@ def test_sweep_selection_takes_best_validation_accuracy_then_lower_loss():
            {"phase": "sweep", "status": "ok", "setting": "s", "optimizer": "nso",
             "hyperparameter": "sigma", "hyper_value": 0.01, "epochs": 2, "test_acc": 0.5,
             "test_loss": 1.0}])
-    chosen, table = study.select_hyperparameters(rows)
+    chosen, table = select_hyperparameters(rows)
     assert chosen == {("s", "sam"): {"rho": 0.1}, ("s", "nso"): {"sigma": 0.01}}
     assert table["chosen"].sum() == 2
 
@@ -171,12 +174,12 @@ def _hessian_available() -> bool:
 
 
 def tiny_study():
-    methods = tuple(m for m in study.METHODS if m.label in ("sgd", "sam", "nso k=1", "nso k=2"))
-    setting = study.Setting("synthetic-mlp", "synthetic", "mlp", epochs=2,
+    methods = tuple(m for m in METHODS if m.label in ("sgd", "sam", "nso k=1", "nso k=2"))
+    setting = plan.Setting("synthetic-mlp", "synthetic", "mlp", epochs=2,
                             dataset_kwargs={"train_size": 80, "test_size": 40,
                                             "input_shape": [6], "num_classes": 3},
                             model_kwargs={"hidden": [8]})
-    return study.StudyConfig(settings=(setting,), seeds=(0, 1), methods=methods,
+    return plan.StudyConfig(settings=(setting,), seeds=(0, 1), methods=methods,
                              sweep={"sam": ("rho", (0.05,)), "nso": ("sigma", (0.01, 0.05))},
                              batch_size=32, samples=24, trace_matvecs=6, landscape=())
 
@@ -188,8 +191,9 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     config = tiny_study()
     out, runs_dir = tmp_path / "report", tmp_path / "runs"
     messages: list[str] = []
-    result = study.run_study(config, out, runs_dir, command="TEST-COMMAND", say=messages.append)
-    rows = pd.read_csv(out / study.RESULTS_CSV)
+    result = run_study(config, out, runs_dir, title="TEST", command="TEST-COMMAND",
+                       say=messages.append)
+    rows = pd.read_csv(out / RESULTS_CSV)
     assert (rows["status"] == "ok").all()
 
     sweep = rows[rows["phase"] == "sweep"]
@@ -208,14 +212,14 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     steps_per_epoch = math.ceil(80 / 32)
     evals = final.groupby("variant")["grad_evals"].agg(["min", "max"])
     assert (evals["min"] == evals["max"]).all()  # same across seeds
-    matched = final[final["budgets"].str.contains(study.SAME_GRADS)]
+    matched = final[final["budgets"].str.contains(plan.SAME_GRADS)]
     assert set(matched["grad_evals"]) == {2 * 2 * steps_per_epoch}  # measured, not planned
     assert evals.loc["sgd", "min"] == 2 * steps_per_epoch
     assert evals.loc["nso k=2", "min"] == 4 * 2 * steps_per_epoch
     assert final["trace"].notna().all() and final["lambda_1"].notna().all()
 
     # summary.csv is the aggregate of results.csv
-    summary = pd.read_csv(out / study.SUMMARY_CSV).set_index("variant")
+    summary = pd.read_csv(out / SUMMARY_CSV).set_index("variant")
     for variant, group in final.groupby("variant"):
         for q in ("test_acc", "trace", "lambda_1"):
             assert summary.loc[variant, f"{q}_mean"] == pytest.approx(group[q].mean(), rel=1e-6)
@@ -232,29 +236,48 @@ def test_tiny_study_end_to_end_and_resume(tmp_path):
     assert record["entry"]["trace"] is not None and record["metrics"]
 
     # resumable: a second invocation trains nothing and keeps every row
-    before = (out / study.RESULTS_CSV).read_text()
+    before = (out / RESULTS_CSV).read_text()
     messages.clear()
-    study.run_study(config, out, runs_dir, command="TEST-COMMAND", say=messages.append)
+    run_study(config, out, runs_dir, title="TEST", command="TEST-COMMAND",
+                       say=messages.append)
     assert not any(m.startswith("[") for m in messages), messages
-    assert (out / study.RESULTS_CSV).read_text() == before
+    assert (out / RESULTS_CSV).read_text() == before
 
 
-def test_run_keys_ignore_later_fields_at_their_neutral_values():
-    full = study.full_config()
-    run = study.sweep_runs(full)[0]
+def test_run_keys_ignore_later_fields_at_their_neutral_values(monkeypatch):
+    full = scratch.full_config()
+    run = plan.sweep_runs(full)[0]
     assert run.config["precision"] == "fp32" and run.config["independent_noise"] is False
     older = dict(run.config)
     del older["precision"], older["independent_noise"]  # a config from before those fields
-    key = study.RunSpec(**{**run.__dict__, "config": older}).key
+    key = plan.RunSpec(**{**run.__dict__, "config": older}).key
     assert key == run.key
-    bf16 = study.RunSpec(**{**run.__dict__, "config": dict(run.config, precision="bf16")})
+    bf16 = plan.RunSpec(**{**run.__dict__, "config": dict(run.config, precision="bf16")})
     assert bf16.key != run.key  # a value that changes the numbers changes the key
+    # a new noise stream for the same seed (NOISE_STREAM_VERSION bumped) re-keys the noise runs
+    nso = next(r for r in plan.sweep_runs(full) if r.variant.method.optimizer == "nso")
+    before = nso.key
+    monkeypatch.setattr(plan, "NOISE_STREAM_VERSION", 2)
+    assert nso.key != before and run.key == key
+
+
+def test_scratch_plan_keys_are_the_committed_results():
+    """The committed report's runs are the scratch plan's runs, key for key: regenerating it
+    reuses every one of them (nothing is re-run)."""
+    repo = Path(__file__).resolve().parents[1]
+    rows = pd.read_csv(repo / scratch.DEFAULT_OUT / RESULTS_CSV, dtype={"key": str})
+    study = scratch.full_config()
+    sweep = plan.sweep_runs(study)
+    assert sorted(r.key for r in sweep) == sorted(rows.loc[rows["phase"] == "sweep", "key"])
+    chosen, _ = select_hyperparameters(planned_rows(rows, sweep))
+    final = plan.final_runs(study, chosen)
+    assert sorted(r.key for r in final) == sorted(rows.loc[rows["phase"] == "final", "key"])
 
 
 def test_planned_rows_follow_the_plan_and_drop_stale_runs():
     from types import SimpleNamespace
 
     rows = pd.DataFrame({"key": ["c", "stale", "a", "b"], "value": [3, 0, 1, 2]})
-    plan = [SimpleNamespace(key=k) for k in ("a", "b", "c", "not-run-yet")]
-    picked = study.planned_rows(rows, plan)
+    runs = [SimpleNamespace(key=k) for k in ("a", "b", "c", "not-run-yet")]
+    picked = planned_rows(rows, runs)
     assert picked["key"].tolist() == ["a", "b", "c"] and picked["value"].tolist() == [1, 2, 3]
