@@ -40,12 +40,17 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def dispatch(argv: Sequence[str]) -> int:
+    """Parse the subcommand, hand the rest of ``argv`` to its tool's ``main``."""
     args, rest = build_parser().parse_known_args(argv[:1])
     module = importlib.import_module(COMMANDS[args.command][0])
-    return module.main(argv[1:] + rest)
+    return module.main(list(argv[1:]) + rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``flatlab`` command: returns its exit status (bad input: one stderr line, 2)."""
+    return run_cli(dispatch, list(sys.argv[1:] if argv is None else argv), prog="flatlab")
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_cli(main, prog="flatlab"))
+    raise SystemExit(main())
