@@ -19,6 +19,7 @@ from flatlab.optim import (
     SAM,
     build_optimizer,
     gradient_evaluations_per_step,
+    noise_generator,
 )
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -223,7 +224,7 @@ def test_nso_step_is_base_step_on_accumulated_gradient(config):
     x, y = batch()
     nso = NSO(model.parameters(), sigma=0.2, seed=7, lr=0.1, momentum=0.9, **config)
     sgd = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
-    generator = torch.Generator().manual_seed(7)
+    generator = noise_generator(7)
     for _ in range(3):  # later steps: momentum buffers and a moved W are involved too
         expected = expected_nso_gradient(model, x, y, generator, sigma=0.2, **config)
         nso.step(mlp_closure(model, nso, x, y))
@@ -408,7 +409,7 @@ def test_nso_batchnorm_stats_come_from_the_first_pass_only(clean_weight):
     w = params_of(model)
     nso = NSO(model.parameters(), sigma=0.3, num_perturbs=2, clean_weight=clean_weight, seed=4,
               lr=0.1, model=model)
-    generator = torch.Generator().manual_seed(4)
+    generator = noise_generator(4)
     first_noise = [0.3 * z for z in documented_normals(generator, w)]
     first_point = w if clean_weight > 0 else [a + u for a, u in zip(w, first_noise, strict=True)]
     expected = one_forward_buffers(model, first_point, x)
@@ -462,7 +463,7 @@ def test_noise_is_reproducible_from_the_seed_and_independent_of_the_global_rng()
     # seed=None: derived from the global seed, so seed_everything(s) still reproduces runs
     assert same(perturbations_seen(global_seed=8), perturbations_seen(global_seed=8))
     assert not same(perturbations_seen(global_seed=8), perturbations_seen(global_seed=9))
-    generator = torch.Generator().manual_seed(3)
+    generator = noise_generator(3)
     assert same(perturbations_seen(generator=generator), perturbations_seen(seed=3))
 
 
@@ -608,10 +609,199 @@ def test_build_optimizer_rejects_bad_input(kwargs, message):
     assert message in str(error.value)
 
 
+# ---------------------------------------------------------------------------------------- seed
+
+
+def test_noise_seed_is_salted_so_u1_is_independent_of_an_init_with_the_same_seed():
+    # worst case: the weights are the first normals of torch.manual_seed(seed); without the
+    # salt U_1 / sigma was exactly those numbers (correlation 1.0)
+    seed, sigma = 5, 0.1
+    torch.manual_seed(seed)
+    model = nn.Linear(60, 50, bias=False)
+    with torch.no_grad():
+        torch.manual_seed(seed)
+        model.weight.copy_(torch.randn(50, 60))
+    init = model.weight.detach().clone()
+    nso = NSO(model.parameters(), sigma=sigma, seed=seed, lr=0.0)
+    seen: list = []
+    x = torch.randn(4, 60)
+
+    def closure():
+        nso.zero_grad()
+        seen.append(model.weight.detach().clone())
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    nso.step(closure)
+    u1 = ((seen[0] - init) / sigma).flatten()
+    assert torch.isclose(u1, init.flatten(), rtol=0, atol=1e-4).sum() == 0
+    correlation = torch.corrcoef(torch.stack([u1, init.flatten()]))[0, 1]
+    assert abs(correlation) < 4 / 3000**0.5  # 4 standard deviations of a null correlation
+    assert u1.std().item() == pytest.approx(1.0, abs=0.05)  # it is still N(0, 1) noise
+    # the documented stream: noise_generator(seed), whatever the global RNG did meanwhile
+    expected = torch.randn(3000, generator=noise_generator(seed))
+    torch.testing.assert_close(u1, expected, rtol=0, atol=1e-5)
+
+
+def test_seed_none_is_the_global_seed():
+    assert same(perturbations_seen(global_seed=11), perturbations_seen(seed=11, global_seed=11))
+
+
+# ---------------------------------------------------------------------------------------- fp16
+
+
+def amp_closure(model, optimizer, x, y, scaler, *, poison_pass=None, autocast=False,
+                poison=float("inf")):
+    """A closure as in the fp16 recipe; ``poison_pass``: put ``poison`` into one gradient
+    entry of that pass (0-based), as an fp16 overflow would."""
+    passes: list = []
+
+    def closure():
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            loss = nn.functional.cross_entropy(model(x), y)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if len(passes) == poison_pass:
+            list(model.parameters())[-2].grad.view(-1)[3] = poison
+        passes.append(1)
+        return loss
+    return closure
+
+
+def scaler(scale=2.0**16, **kwargs):
+    return torch.amp.GradScaler("cpu", init_scale=scale, **kwargs)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("enabled", [True, False])
+def test_scaled_step_equals_the_unscaled_step_gradients_unscaled_once(method, enabled):
+    """A power-of-two scale is exact in binary floating point: unscaled once, the step is the
+    fp32/fp64 step bit for bit; unscaled twice or never, it would be off by 2**16."""
+    x, y = batch()
+    extra = {"seed": 5} if method in ("nso", "rwp", "nso_one_sided_clean") else {}
+    plain_model, scaled_model = mlp(), mlp()
+    plain = METHODS[method](plain_model.parameters(), lr=0.1, momentum=0.9, **extra)
+    scaled = METHODS[method](scaled_model.parameters(), lr=0.1, momentum=0.9, **extra)
+    amp = torch.amp.GradScaler("cpu", init_scale=2.0**16, enabled=enabled)
+    for _ in range(3):
+        plain_loss = plain.step(amp_closure(plain_model, plain, x, y, None))
+        scaled_loss = scaled.step(amp_closure(scaled_model, scaled, x, y, amp), scaler=amp)
+        amp.update()
+        assert torch.equal(plain_loss, scaled_loss)
+        for p, q in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
+            assert torch.equal(p, q)
+            assert torch.equal(p.grad, q.grad)
+    assert amp.get_scale() == (2.0**16 if enabled else 1.0)
+
+
+@pytest.mark.parametrize(("method", "pass_index"),
+                         [(m, i) for m in sorted(METHODS) for i in range(3)
+                          if i < METHODS[m](mlp().parameters(), lr=0.1).gradient_evaluations])
+@pytest.mark.parametrize("poison", [float("inf"), float("nan")])
+def test_inf_or_nan_in_any_pass_skips_the_step_restores_w_and_lowers_the_scale(
+        method, pass_index, poison):
+    x, y = batch()
+    model = mlp()
+    opt = METHODS[method](model.parameters(), lr=0.1, momentum=0.9)
+    amp = scaler()
+    opt.step(amp_closure(model, opt, x, y, amp), scaler=amp)  # a normal step: momentum exists
+    amp.update()
+    weights = params_of(model)
+    momentum = [opt.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    calls: list = []
+
+    def closure():
+        calls.append(params_of(model))
+        return poisoned()
+
+    poisoned = amp_closure(model, opt, x, y, amp, poison_pass=pass_index, poison=poison)
+    opt.step(closure, scaler=amp)
+    assert len(calls) == opt.gradient_evaluations  # every pass ran
+    assert any(not torch.equal(p, w) for c in calls  # and W moved in between
+               for p, w in zip(c, weights, strict=True))
+    amp.update()
+    assert amp.get_scale() == 2.0**15  # the scale was lowered
+    for p, w, m in zip(model.parameters(), weights, momentum, strict=True):
+        assert torch.equal(p, w)  # W bit-exact
+        assert torch.equal(opt.state[p]["momentum_buffer"], m)  # no base step
+    opt.step(amp_closure(model, opt, x, y, amp), scaler=amp)  # and the next step is normal
+    amp.update()
+    assert not torch.equal(params_of(model)[0], weights[0])
+    assert amp.get_scale() == 2.0**15
+
+
+def test_a_skipped_step_is_no_adam_step_and_no_scheduler_warning():
+    x, y = batch()
+    model = mlp()
+    opt = SAM(model.parameters(), torch.optim.Adam, rho=0.05, lr=0.01)
+    amp = scaler()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        opt.step(amp_closure(model, opt, x, y, amp, poison_pass=0), scaler=amp)
+        amp.update()
+        schedule.step()  # torch warns here when GradScaler skips a plain optimizer's step
+    assert opt.state == {} or all(s["step"] == 0 for s in opt.state.values())
+    assert torch.equal(params_of(model)[0], params_of(mlp())[0])
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_fp16_autocast_step_matches_the_fp32_step(method):
+    x, y = batch(torch.float32, n=64)
+    extra = {"seed": 5} if method in ("nso", "rwp", "nso_one_sided_clean") else {}
+    models = [mlp(dtype=torch.float32) for _ in range(2)]
+    opts = [METHODS[method](m.parameters(), lr=0.1, momentum=0.9, **extra) for m in models]
+    amp = torch.amp.GradScaler("cpu")
+    for _ in range(3):
+        opts[0].step(amp_closure(models[0], opts[0], x, y, None))
+        opts[1].step(amp_closure(models[1], opts[1], x, y, amp, autocast=True), scaler=amp)
+        amp.update()
+        for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+            # fp16 has a 2**-11 relative rounding step: gradients agree to a few of those
+            error = (p.grad - q.grad).norm() / p.grad.norm()
+            assert 0 < error < 4e-3
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-4)
+    assert amp.get_scale() == 2.0**16
+
+
+def test_scaler_step_with_a_closure_raises_naming_the_recipe():
+    x, y = batch()
+    model = mlp()
+    weights = params_of(model)
+    opt = NSO(model.parameters(), sigma=0.1, lr=0.1)
+    amp = scaler()
+    closure = amp_closure(model, opt, x, y, amp)
+    amp.scale(torch.ones(()))  # any earlier use of the scaler; else torch asserts first
+    with pytest.raises(TypeError, match=re.escape("optimizer.step(closure, scaler=scaler)")):
+        amp.step(opt, closure)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    opt.step(closure, scaler=amp)  # the recipe still works afterwards
+    amp.update()
+    assert not torch.equal(params_of(model)[0], weights[0])
+    assert amp.get_scale() == 2.0**16
+    with pytest.raises(TypeError, match="torch.amp.GradScaler"):
+        opt.step(closure, scaler=object())
+
+
+def test_forgetting_scaler_update_is_an_error_and_leaves_w():
+    x, y = batch()
+    model = mlp()
+    opt = SAM(model.parameters(), lr=0.1)
+    amp = scaler()
+    opt.step(amp_closure(model, opt, x, y, amp), scaler=amp)
+    weights = params_of(model)
+    with pytest.raises(RuntimeError, match=re.escape("Call scaler.update() after every")):
+        opt.step(amp_closure(model, opt, x, y, amp), scaler=amp)
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+
+
 # ---------------------------------------------------------------------------------------- DDP
 
 
-DDP_METHODS = ("nso", "sam", "nso_independent")
+DDP_METHODS = ("nso", "sam", "nso_independent", "nso_amp", "sam_amp")
+#: the *_amp runs use a GradScaler; at step AMP_POISON_STEP only rank 1's first pass overflows
+AMP_POISON_STEP = 1
 
 
 def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
@@ -637,12 +827,24 @@ def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
         x, y = batch(n=16)
         shard = slice(rank * 8, (rank + 1) * 8)
         calls: list = []
-        for _ in range(3):
-            opt.step(mlp_closure(ddp, opt, x[shard], y[shard], calls))
+        amp = scaler() if method.endswith("_amp") else None
+        for step in range(3):
+            poisoned = amp is not None and step == AMP_POISON_STEP and rank == 1
+            closure = amp_closure(ddp, opt, x[shard], y[shard], amp,
+                                  poison_pass=0 if poisoned else None)
+
+            def recording(closure=closure):
+                calls.append(params_of(ddp.module))
+                return closure()
+
+            opt.step(recording, scaler=amp)
+            if amp is not None:
+                amp.update()
         in_steps = len(reduces)
         nn.functional.cross_entropy(ddp(x[shard]), y[shard]).backward()  # counted
         torch.save({"weights": params_of(ddp.module), "reduces": in_steps,
-                    "after_plain_backward": len(reduces), "first_point": calls[0]},
+                    "after_plain_backward": len(reduces), "first_point": calls[0],
+                    "scale": 0.0 if amp is None else amp.get_scale()},
                    f"{out}/{method}-rank{rank}.pt")
 
     try:
@@ -658,7 +860,7 @@ def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
 
 
 def ddp_optimizer(method, params, model):
-    if method == "sam":
+    if method.startswith("sam"):
         return SAM(params, rho=0.1, lr=0.1, momentum=0.9, model=model)
     return NSO(params, sigma=0.1, num_perturbs=2, seed=3, lr=0.1, momentum=0.9, model=model,
                independent_noise=method == "nso_independent")
@@ -700,7 +902,13 @@ def test_ddp_two_processes_match_one_process_without_inner_reduces(ddp_results, 
     model = mlp()
     opt = ddp_optimizer(method, model.parameters(), None)
     x, y = batch(n=16)
-    for _ in range(3):
-        opt.step(mlp_closure(model, opt, x, y))
+    amp = scaler() if method.endswith("_amp") else None
+    for step in range(3):  # with a scaler: the step that overflowed on one rank is skipped
+        poison = 0 if step == AMP_POISON_STEP and amp is not None else None
+        opt.step(amp_closure(model, opt, x, y, amp, poison_pass=poison), scaler=amp)
+        if amp is not None:
+            amp.update()
+    if amp is not None:
+        assert [r["scale"] for r in ranks] == [2.0**15] * 2  # lowered on every rank
     for p, q in zip(model.parameters(), ranks[0]["weights"], strict=True):
         torch.testing.assert_close(p.detach(), q, rtol=0, atol=1e-12)

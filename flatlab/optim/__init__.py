@@ -13,6 +13,26 @@ loss on the current batch, ``backward()``, return the loss)::
         return loss
 
     loss = optimizer.step(closure)
+
+Mixed precision (fp16 autocast with ``torch.amp.GradScaler``): the closure scales the loss as
+in any AMP loop, the scaler goes to ``step``, and ``scaler.update()`` follows every step::
+
+    scaler = torch.amp.GradScaler(device)
+
+    def closure():
+        optimizer.zero_grad()
+        with torch.autocast(device, dtype=torch.float16):
+            loss = loss_fn(model(x), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    loss = optimizer.step(closure, scaler=scaler)
+    scaler.update()
+
+The passes' gradients are unscaled once per step; if any pass produced inf/NaN the base step
+is skipped, ``W`` is left exactly as it was and ``scaler.update()`` lowers the scale.
+``scaler.step(optimizer, closure)`` raises a ``TypeError`` naming this recipe. The noise seed
+is salted (:func:`noise_generator`), so one ``seed`` may seed both the weights and the noise.
 """
 
 from __future__ import annotations
@@ -24,6 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from flatlab.optim._noise import noise_generator
 from flatlab.optim._perturb import NOISE_TYPES, PerturbationOptimizer
 from flatlab.optim.nso import NSO
 from flatlab.optim.rwp import RWP
@@ -32,6 +53,7 @@ from flatlab.optim.sam import ASAM, SAM
 __all__ = [
     "ASAM", "BASE_OPTIMIZERS", "NOISE_TYPES", "NSO", "OPTIMIZERS", "RWP", "SAM",
     "PerturbationOptimizer", "build_optimizer", "gradient_evaluations_per_step",
+    "noise_generator",
 ]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "sam", "asam", "rwp", "nso")
@@ -73,7 +95,8 @@ def build_optimizer(
     wrap it. Method arguments left ``None`` take the method's default; giving one that the
     method does not use (``sigma`` for SAM, ``rho`` for NSO) is an error. ``momentum`` applies
     to the SGD base only (Adam/AdamW keep their betas). ``seed`` seeds the noise generator of
-    NSO/RWP; ``model`` and ``independent_noise`` are passed on (see :class:`NSO`).
+    NSO/RWP (salted: :func:`noise_generator`); ``model`` and ``independent_noise`` are passed
+    on (see :class:`NSO`).
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

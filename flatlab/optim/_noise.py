@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 
 NOISE_TYPES = ("absolute", "filter")
+#: mixed into every noise seed, so the noise stream never equals ``torch.manual_seed(seed)``'s
+NOISE_SEED_SALT = 0x5EED_F1A7
 
 
 def mix_seed(seed: int, salt: int) -> int:
@@ -16,6 +18,21 @@ def mix_seed(seed: int, salt: int) -> int:
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     return (z ^ (z >> 31)) >> 1
+
+
+def noise_generator(seed: int, device: torch.device | str = "cpu", *,
+                    rank: int | None = None) -> torch.Generator:
+    """The generator of the perturbation noise for ``seed``: seeded with
+    ``mix_seed(seed, NOISE_SEED_SALT)`` (then ``mix_seed(., rank)`` when ``rank`` is given).
+
+    The salt keeps the noise independent of everything else seeded with the same number: a
+    run that calls ``torch.manual_seed(seed)`` to initialise its weights and passes the same
+    ``seed`` to NSO would otherwise draw ``U_1 / sigma`` equal to the initial weights' normals.
+    """
+    mixed = mix_seed(int(seed), NOISE_SEED_SALT)
+    if rank is not None:
+        mixed = mix_seed(mixed, int(rank))
+    return torch.Generator(device=device).manual_seed(mixed)
 
 
 def standard_normals(generator: torch.Generator, like: list[Tensor]) -> list[Tensor]:

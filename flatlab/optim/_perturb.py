@@ -16,7 +16,20 @@ between methods; everything else lives once in :class:`PerturbationOptimizer`:
   tensor;
 * with ``model=`` given: the model's buffers (BatchNorm running statistics) keep the values
   left by the *first* pass of each step; under ``DistributedDataParallel`` every pass runs in
-  ``no_sync()`` and the summed gradient is averaged over ranks by one all-reduce per step.
+  ``no_sync()`` and the summed gradient is averaged over ranks by one all-reduce per step;
+* with ``scaler=`` (a ``torch.amp.GradScaler``): mixed precision, see below.
+
+Mixed precision (fp16 autocast with a ``GradScaler``). The closure scales as usual
+(``scaler.scale(loss).backward()``) and the step is ``optimizer.step(closure, scaler=scaler)``
+followed by the usual ``scaler.update()``. The scaled gradients of the passes are summed as
+they are (the scale is the same for every pass of a step) and ``scaler.step(base_optimizer)``
+unscales the sum once, checks it for inf/NaN and skips the base step if it finds any; ``W``
+is restored from the saved copy before that, so a skipped step leaves ``W`` bit-exact and
+``scaler.update()`` lowers the scale. A pass whose gradient is not in the sum (SAM's ascent
+pass) is unscaled on its own (a copy) for the direction it defines, and a non-finite value
+in it is carried into the sum as NaN so that the one check sees it.
+``scaler.step(optimizer, closure)`` cannot work for any closure optimizer (the scaler would
+unscale the gradients before the closure has computed them): it raises a ``TypeError``.
 """
 
 from __future__ import annotations
@@ -30,12 +43,11 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from flatlab.optim._noise import NOISE_TYPES, mix_seed, scale_noise, standard_normals
+from flatlab.optim._noise import NOISE_TYPES, noise_generator, scale_noise, standard_normals
 
 __all__ = ["NOISE_TYPES", "Closure", "PerturbationOptimizer"]
 
 Closure = Callable[[], Any]
-_DEFAULT_SEED_SALT = 0x5EED_F1A7  # keeps the seed=None noise stream apart from torch's own
 
 
 class PerturbationOptimizer(Optimizer):
@@ -43,7 +55,7 @@ class PerturbationOptimizer(Optimizer):
 
     A subclass sets its hyperparameters, calls ``super().__init__`` and writes ``step`` with::
 
-        with self._perturbation_step():           # save W; at the end restore W, base step
+        with self._perturbation_step(scaler):     # save W; at the end restore W, base step
             loss = self._evaluate(closure, weight)    # one pass at the current point
             grads = self._pass_gradients()        # that pass's gradient (averaged over ranks)
             self._move_to(deltas, sign)           # p = W + sign * delta, from the saved copy
@@ -51,6 +63,9 @@ class PerturbationOptimizer(Optimizer):
 
     #: hyperparameters shared by all groups; saved in ``state_dict()["flatlab"]``
     _global_hyperparameters: tuple[str, ...] = ()
+    #: makes ``GradScaler.step(optimizer, closure)`` call ``step`` without unscaling first, so
+    #: that ``step`` can refuse it with a message instead of stepping on stale gradients
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -93,11 +108,10 @@ class PerturbationOptimizer(Optimizer):
                 raise ValueError("pass either generator= or seed=/independent_noise=, not both")
             return generator
         device = self.param_groups[0]["params"][0].device
-        seed = mix_seed(torch.initial_seed(), _DEFAULT_SEED_SALT) if seed is None else seed
+        rank = None
         if independent_noise:
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-            seed = mix_seed(seed, rank)
-        return torch.Generator(device=device).manual_seed(seed)
+        return noise_generator(torch.initial_seed() if seed is None else seed, device, rank=rank)
 
     @property
     def gradient_evaluations(self) -> int:
@@ -120,8 +134,25 @@ class PerturbationOptimizer(Optimizer):
                 if p.requires_grad:
                     yield group, p
 
+    def _check_scaler(self, scaler: torch.amp.GradScaler | None) -> torch.amp.GradScaler | None:
+        """The enabled scaler or ``None``; refuses ``GradScaler.step(optimizer, closure)``."""
+        if hasattr(self, "found_inf"):  # set by GradScaler.step around its call of step()
+            del self.found_inf
+            if hasattr(self, "grad_scale"):
+                del self.grad_scale
+            raise TypeError(
+                f"scaler.step({type(self).__name__}, closure) cannot unscale gradients that "
+                "the closure has not computed yet: call optimizer.step(closure, scaler=scaler) "
+                "and then scaler.update()")
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler, got {type(scaler).__name__}")
+        return scaler if scaler is not None and scaler.is_enabled() else None
+
     @contextlib.contextmanager
-    def _perturbation_step(self) -> Iterator[None]:
+    def _perturbation_step(self, scaler: torch.amp.GradScaler | None = None) -> Iterator[None]:
+        self._scaler = self._check_scaler(scaler)
+        self._inv_scale: float | None = None
+        self._nonfinite: Tensor | None = None  # sum of norms of gradients left out of the sum
         self._params = [p for _, p in self._trainable()]
         self._saved = [p.detach().clone() for p in self._params]
         self._at_saved = True  # the parameters hold exactly W
@@ -134,18 +165,35 @@ class PerturbationOptimizer(Optimizer):
             yield
             torch._foreach_copy_(self._params, self._saved)  # W exactly, also after errors
             grads = self._grad_sum
+            present = [g for g in grads if g is not None]
             if self._sum_scale is not None and self._sum_scale != 1.0:
-                torch._foreach_mul_([g for g in grads if g is not None], self._sum_scale)
+                torch._foreach_mul_(present, self._sum_scale)
+            if self._nonfinite is not None and present:  # + 0 if finite, + NaN otherwise
+                present[0].view(-1)[:1].add_(self._nonfinite * 0.0)
             grads = self._average_over_ranks(grads) if self._ddp else grads
             for p, g in zip(self._params, grads, strict=True):
                 p.grad = g
-            self.base_optimizer.step()
+            if self._scaler is None:
+                self.base_optimizer.step()
+            else:  # unscale once, skip the step on inf/NaN, record it for scaler.update()
+                self._scaler_step()
         except BaseException:
             torch._foreach_copy_(self._params, self._saved)
             raise
         finally:
             self._saved = self._grad_sum = self._buffer_snapshot = self._sum_scale = None
+            self._scaler = self._nonfinite = None
             self._params, self._buffers = [], []
+
+    def _scaler_step(self) -> None:
+        assert self._scaler is not None
+        try:
+            self._scaler.step(self.base_optimizer)
+        except RuntimeError as err:
+            if "update()" not in str(err):
+                raise
+            raise RuntimeError(f"{err} Call scaler.update() after every "
+                               "optimizer.step(closure, scaler=scaler).") from err
 
     def _saved_weights(self) -> list[Tensor]:
         """``W`` as saved at the start of the step (read-only), aligned with the passes."""
@@ -176,6 +224,11 @@ class PerturbationOptimizer(Optimizer):
                 for buffer, value in zip(self._buffers, self._buffer_snapshot, strict=True):
                     buffer.copy_(value)
         if weight == 0.0:
+            if self._scaler is not None:  # not in the sum: remember whether it was finite
+                grads = [p.grad for p in self._params if p.grad is not None]
+                if grads:
+                    norms = torch.stack(torch._foreach_norm(grads)).sum()
+                    self._nonfinite = norms if self._nonfinite is None else self._nonfinite + norms
             return loss
         if self._sum_scale is None:
             self._sum_scale = weight
@@ -190,9 +243,19 @@ class PerturbationOptimizer(Optimizer):
         return loss
 
     def _pass_gradients(self) -> list[Tensor | None]:
-        """The last pass's gradients (averaged over ranks under DDP), aligned with the params."""
+        """The last pass's gradients (averaged over ranks under DDP; unscaled copies under a
+        scaler), aligned with the params."""
         grads = [p.grad for p in self._params]
-        return self._average_over_ranks(grads) if self._ddp else grads
+        grads = self._average_over_ranks(grads) if self._ddp else grads
+        if self._scaler is None:
+            return grads
+        if self._inv_scale is None:
+            self._inv_scale = 1.0 / self._scaler.get_scale()
+        present = [i for i, g in enumerate(grads) if g is not None]
+        unscaled = torch._foreach_mul([grads[i] for i in present], self._inv_scale)
+        for i, g in zip(present, unscaled, strict=True):
+            grads[i] = g
+        return grads
 
     def _average_over_ranks(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """Mean over DDP ranks in one all-reduce; a slot stays ``None`` only if it is on all."""

@@ -43,7 +43,9 @@ class NSO(PerturbationOptimizer):
             output filter ``W_j`` (slice along dim 0) gets std :math:`\sigma \lVert W_j\rVert_2`,
             a 0-D/1-D tensor (bias, norm scale) std :math:`\sigma \lVert W \rVert_2`.
         generator: ``torch.Generator`` for the noise (on the parameters' device).
-        seed: seed for a new generator (default: derived from ``torch.initial_seed()``).
+        seed: seed of the noise: the generator is ``noise_generator(seed)``, which mixes a
+            salt into it, so the same number may seed the weights too (default:
+            ``torch.initial_seed()``).
         independent_noise: under torch.distributed, mix the rank into the seed (different
             noise on every rank); by default every rank draws the same noise.
         model: the model (or its ``DistributedDataParallel`` wrapper). Given, its buffers
@@ -53,7 +55,8 @@ class NSO(PerturbationOptimizer):
         **base_kwargs: ``lr``, ``momentum``, ``weight_decay``, ... for the base optimizer.
 
     ``step(closure)`` returns the clean loss when it computed one, else the mean of the
-    perturbed losses.
+    perturbed losses. ``step(closure, scaler=scaler)`` (then ``scaler.update()``) is the fp16
+    recipe: the closure calls ``scaler.scale(loss).backward()``; see ``flatlab.optim``.
     """
 
     _global_hyperparameters = ("num_perturbs", "two_sided", "clean_weight")
@@ -93,12 +96,13 @@ class NSO(PerturbationOptimizer):
         return sides * self.num_perturbs + (1 if self.clean_weight > 0 else 0)
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *,  # type: ignore[override]
+             scaler: torch.amp.GradScaler | None = None) -> Any:
         closure = self._require_closure(closure, type(self).__name__)
         signs = (1.0, -1.0) if self.two_sided else (1.0,)
         weight = (1.0 - self.clean_weight) / (self.num_perturbs * len(signs))
         clean_loss, losses = None, []
-        with self._perturbation_step():
+        with self._perturbation_step(scaler):
             if self.clean_weight > 0:
                 clean_loss = self._evaluate(closure, self.clean_weight)
             for _ in range(self.num_perturbs):

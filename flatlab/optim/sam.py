@@ -39,7 +39,9 @@ class SAM(PerturbationOptimizer):
             :math:`\varepsilon` is the single-process one) and ``g``.
         **base_kwargs: ``lr``, ``momentum``, ``weight_decay``, ... for the base optimizer.
 
-    ``step(closure)`` returns the loss at ``W`` (the first pass).
+    ``step(closure)`` returns the loss at ``W`` (the first pass). With
+    ``step(closure, scaler=scaler)`` (fp16, see ``flatlab.optim``) :math:`\varepsilon` is
+    computed from the unscaled :math:`g_0`.
     """
 
     def __init__(
@@ -64,9 +66,10 @@ class SAM(PerturbationOptimizer):
         return 2
 
     @torch.no_grad()
-    def step(self, closure: Closure | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Closure | None = None, *,  # type: ignore[override]
+             scaler: torch.amp.GradScaler | None = None) -> Any:
         closure = self._require_closure(closure, type(self).__name__)
-        with self._perturbation_step():
+        with self._perturbation_step(scaler):
             loss = self._evaluate(closure, weight=0.0)
             directions, norms = [], []  # rho * T^2 g_0 and the pieces of ||T g_0||
             for (group, _), w, g in zip(self._trainable(), self._saved_weights(),
