@@ -479,3 +479,40 @@ def test_version_flag(tmp_path):
 
     result = run_module(["--version"], cwd=tmp_path)
     assert result.returncode == 0 and result.stdout == f"flatlab {flatlab.__version__}\n"
+
+
+def test_step_schedule_with_step_every_and_gamma_is_steplr(tmp_path):
+    result = train(tiny_config(tmp_path / "s", epochs=3, lr=0.2, schedule="step", step_every=1,
+                               gamma=0.3), progress=False)
+    # StepLR(step_size=1 epoch, gamma=0.3) stepped after each epoch: the lr of each epoch
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    steplr = torch.optim.lr_scheduler.StepLR(probe, step_size=1, gamma=0.3)
+    expected = []
+    for _ in range(3):
+        expected.append(probe.param_groups[0]["lr"])
+        probe.step()
+        steplr.step()
+    assert [row["lr"] for row in result.metrics] == pytest.approx(expected, rel=1e-14)
+    assert [lr_factor("step", s, 12, gamma=0.5, drop_every=8) for s in (0, 7, 8, 11)] == [
+        1, 1, 0.5, 0.5]
+    config = (tmp_path / "s" / "config.toml").read_text()
+    assert "step_every = 1\ngamma = 0.3\n" in config
+    meta = read_checkpoint(tmp_path / "s" / "model.safetensors")[1]
+    assert (meta["optimizer"]["kwargs"]["step_every"], meta["optimizer"]["kwargs"]["gamma"]) == (
+        1, 0.3)
+    # defaults are neither written nor recorded: older configs and checkpoints read the same
+    train(tiny_config(tmp_path / "d", schedule="step"), progress=False)
+    assert "gamma" not in (tmp_path / "d" / "config.toml").read_text()
+    assert "gamma" not in read_checkpoint(tmp_path / "d" / "model.safetensors")[1]["optimizer"][
+        "kwargs"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gamma", "0.5"], "--gamma applies to step only, not --schedule 'cosine'"),
+    (["--schedule", "step", "--step-every", "-1"], "--step-every must be >= 0, got -1"),
+    (["--schedule", "step", "--gamma", "0"], r"--gamma must be in \(0.0, 1.0\], got 0.0"),
+])
+def test_bad_step_schedule_flags(tmp_path, capsys, args, message):
+    code = run_cli(main, [*TINY, *args, "--out", str(tmp_path / "r")], prog="flatlab.train")
+    err = capsys.readouterr().err
+    assert code == 2 and __import__("re").search(message, err), err

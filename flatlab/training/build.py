@@ -66,8 +66,9 @@ def build(config: TrainConfig) -> Parts:
     batches_per_epoch = len(batches_of(epoch_order(len(data.y_train), 0, 0, world_size=world),
                                        config.batch_size // world))
     total_steps = config.epochs * batches_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(config.schedule, step, total_steps))
+    drop_every = config.step_every * batches_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        config.schedule, step, total_steps, gamma=config.gamma, drop_every=drop_every))
     return Parts(
         data=data, module=module, model=model, optimizer=optimizer, scheduler=scheduler,
         criterion=nn.CrossEntropyLoss(label_smoothing=config.label_smoothing), device=device,

@@ -73,6 +73,13 @@ class TrainConfig(DeclaredConfig):
     schedule: str = option("cosine", "learning-rate schedule, per step: none, step (x0.1 at "
                            "50% and 75% of the steps) or cosine", choices=SCHEDULES,
                            record="always")
+    step_every: int = option(0, "--schedule step: multiply the learning rate by --gamma every E "
+                             "epochs (0: at 50% and 75% of the steps)", low=0, metavar="E",
+                             write_default=False, record="changed",
+                             only_with=("schedule", ("step",)))
+    gamma: float = option(0.1, "--schedule step: learning-rate factor at each drop", low=0.0,
+                          high=1.0, low_open=True, write_default=False, record="changed",
+                          only_with=("schedule", ("step",)))
     seed: int = option(0, "seed of init, data order and noise", low=0, high=SEED_MAX)
     # ---- how it runs
     device: str = option("auto", "auto, cpu or cuda", choices=DEVICES, pattern=r"cuda:\d+",

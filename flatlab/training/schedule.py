@@ -30,14 +30,19 @@ def batches_of(order: Tensor, batch_size: int) -> list[Tensor]:
     return batches
 
 
-def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+def lr_factor(schedule: str, step: int, total_steps: int, *, gamma: float = 0.1,
+              drop_every: int = 0) -> float:
     """Learning-rate multiplier at optimizer step ``step`` of ``total_steps``.
 
-    ``none``: 1; ``cosine``: ``(1 + cos(pi * step / total)) / 2``; ``step``: 0.1 after half
-    and 0.01 after three quarters of the steps.
+    ``none``: 1; ``cosine``: ``(1 + cos(pi * step / total)) / 2``; ``step``: ``gamma ** d``
+    after ``d`` drops, one every ``drop_every`` steps (StepLR with ``step_size = step_every``
+    epochs stepped per epoch is ``drop_every = step_every * steps_per_epoch``) or, with
+    ``drop_every = 0``, one after half and one after three quarters of the steps.
     """
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
     if schedule == "step":
-        return 0.1 ** ((step >= total_steps // 2) + (step >= (3 * total_steps) // 4))
+        if drop_every:
+            return gamma ** (step // drop_every)
+        return gamma ** ((step >= total_steps // 2) + (step >= (3 * total_steps) // 4))
     return 1.0
