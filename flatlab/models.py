@@ -7,14 +7,15 @@
 ``resnet`` CIFAR-style ResNet (He et al. 2016) with BatchNorm; ``depth=6n+2``, ``width``
 =========  ==========================================================================
 
-A user model is ``"package.module:factory"``: ``factory(input_shape=..., num_classes=...,
-**kwargs)`` must return an ``nn.Module``.
+Any other model is ``"package.module:factory"`` (see :mod:`flatlab.factory`): the factory is
+called with the user's keyword arguments and ``num_classes``, plus ``input_shape`` when its
+signature names that parameter, and must return an ``nn.Module``. So
+``torchvision.models:resnet18`` and ``timm:create_model`` (with ``model_name="resnet18"``) work
+as they are. Importing the factory's module needs ``trust_code=True``.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,35 +24,54 @@ import torch
 from torch import Tensor, nn
 
 from flatlab.errors import FlatlabError
+from flatlab.factory import call_arguments, import_factory, is_factory_name
 
 MODELS: tuple[str, ...] = ("mlp", "cnn1d", "cnn", "resnet")
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int,
-                **kwargs: Any) -> nn.Module:
-    """Build registry model ``name`` (or ``"package.module:factory"``) for the given data shape."""
-    input_shape = tuple(int(s) for s in input_shape)
-    if not input_shape or min(input_shape) < 1 or int(num_classes) < 1:
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
+                trust_code: bool = False, **kwargs: Any) -> nn.Module:
+    """Build registry model ``name`` (or ``"package.module:factory"``) for the given data shape.
+
+    A factory's module is imported only with ``trust_code=True`` (the caller's consent);
+    registry models never import anything.
+    """
+    try:
+        input_shape = tuple(int(s) for s in input_shape)
+        num_classes = int(num_classes)
+    except (TypeError, ValueError, OverflowError):
+        raise FlatlabError(f"bad data shape for a model: input_shape={input_shape!r}, "
+                           f"num_classes={num_classes!r}") from None
+    if not input_shape or min(input_shape) < 1 or num_classes < 1:
         raise FlatlabError(f"bad data shape for a model: input_shape={input_shape}, "
                            f"num_classes={num_classes}")
-    if ":" in name:
-        factory = _import_factory(name)
+    if is_factory_name(name):
+        factory = import_factory(name, what="model", trust_code=trust_code)
     elif name in _FACTORIES:
         factory = _FACTORIES[name]
     else:
         raise FlatlabError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} "
                            f"or 'package.module:factory'")
-    _check_kwargs(name, factory, kwargs)
+    arguments = call_arguments(factory, name, kwargs, always={"num_classes": num_classes},
+                               if_named={"input_shape": input_shape}, what="model")
     try:
-        model = factory(input_shape=input_shape, num_classes=int(num_classes), **kwargs)
+        model = factory(**arguments)
     except FlatlabError:
         raise
-    except (TypeError, ValueError) as err:
-        raise FlatlabError(f"model {name!r} with {kwargs or 'default arguments'}: {err}") from None
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        # user input (names, sizes) is the usual cause; timm reports unknown names as RuntimeError
+        raise FlatlabError(f"model {name!r} with {kwargs or 'default arguments'}: "
+                           f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                           ) from None
     if not isinstance(model, nn.Module):
         raise FlatlabError(f"model factory {name!r} returned {type(model).__name__}, "
                            f"not a torch.nn.Module")
     return model
+
+
+def is_registry_model(name: str) -> bool:
+    """True for the built-in names of :data:`MODELS` (building them imports no user code)."""
+    return name in _FACTORIES
 
 
 # --------------------------------------------------------------------------- registry models
@@ -179,37 +199,3 @@ def resnet(*, input_shape: tuple[int, ...], num_classes: int, depth: int = 20,
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {
     "mlp": mlp, "cnn1d": cnn1d, "cnn": cnn, "resnet": resnet,
 }
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _import_factory(spec: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise FlatlabError(f"model {spec!r}: expected 'package.module:factory'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise FlatlabError(f"model {spec!r}: cannot import {module_name!r} ({err})") from None
-    factory = module
-    for part in attr.split("."):
-        if not hasattr(factory, part):
-            raise FlatlabError(f"model {spec!r}: module {module_name!r} has no {attr!r}")
-        factory = getattr(factory, part)
-    if not callable(factory):
-        raise FlatlabError(f"model {spec!r}: {attr!r} is not callable")
-    return factory  # type: ignore[return-value]
-
-
-def _check_kwargs(name: str, factory: Callable, kwargs: dict) -> None:
-    try:
-        params = inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        return
-    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        return
-    accepted = [p for p in params if p not in ("input_shape", "num_classes")]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise FlatlabError(f"model {name!r} got unknown argument(s) {', '.join(unknown)}; "
-                           f"accepted: {', '.join(accepted) or 'none'}")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flatlab import data as data_module
+from flatlab.data import builtin as data_module
 from flatlab.data import DATASETS, dataset_from_spec, load_dataset
 from flatlab.errors import FlatlabError
 
@@ -25,7 +25,7 @@ def _check_arrays(ds, n_train, n_test, shape, num_classes):
 
 
 def test_registry_names_and_unknown_name_lists_them():
-    assert DATASETS == ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
+    assert DATASETS == ("mnist1d", "digits", "cifar10", "cifar100", "synthetic", "folder")
     with pytest.raises(FlatlabError, match="unknown dataset 'mnist2d'.*mnist1d, digits, cifar10"):
         load_dataset("mnist2d")
 

@@ -118,7 +118,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def test_user_factory(user_module):
-    model = build_model(f"{user_module}:linear", (1, 8, 8), 10, bias=False)
+    model = build_model(f"{user_module}:linear", (1, 8, 8), 10, trust_code=True, bias=False)
     assert model(torch.randn(2, 1, 8, 8)).shape == (2, 10)
     assert model[1].bias is None
 
@@ -132,9 +132,9 @@ def test_user_factory(user_module):
 ])
 def test_bad_user_factory(user_module, spec, message):
     with pytest.raises(FlatlabError, match=message):
-        build_model(spec, (4,), 2)
+        build_model(spec, (4,), 2, trust_code=True)
 
 
 def test_user_factory_unknown_kwarg(user_module):
     with pytest.raises(FlatlabError, match="unknown argument.*colour.*accepted: bias"):
-        build_model("my_models:linear", (4,), 2, colour="red")
+        build_model("my_models:linear", (4,), 2, trust_code=True, colour="red")

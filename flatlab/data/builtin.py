@@ -1,4 +1,4 @@
-"""Offline data sets as in-memory tensors: a small registry, every split and scaling fixed by seed.
+"""The built-in data sets: each loader returns float32 tensors, every split fixed by seed.
 
 =============  =======================================================  ===============
 name           source                                                   one example
@@ -19,14 +19,12 @@ Python values and nothing else, so a hostile file cannot run code.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import io
 import json
 import os
 import pickle
 import random
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,90 +33,7 @@ import torch
 from torch import Tensor
 
 from flatlab.errors import FlatlabError
-from flatlab.io import atomic_path
-
-DATASETS: tuple[str, ...] = ("mnist1d", "digits", "cifar10", "cifar100", "synthetic")
-
-# kwargs every data set accepts: hold out part of the training split as the test split.
-_VALIDATION_KWARGS = ("validation_fraction", "validation_seed")
-
-
-@dataclass(frozen=True)
-class Dataset:
-    """Train and test tensors of one data set, plus what it takes to rebuild it.
-
-    ``x_*`` are float32 with shape ``(N, *input_shape)``; ``y_*`` are int64 class indices.
-    ``spec`` is JSON-able: ``dataset_from_spec(spec)`` returns the same tensors.
-    """
-
-    name: str
-    x_train: Tensor
-    y_train: Tensor
-    x_test: Tensor
-    y_test: Tensor
-    num_classes: int
-    input_shape: tuple[int, ...]
-    spec: dict
-
-    def split_validation(self, fraction: float, seed: int = 0) -> Dataset:
-        """Hold out ``fraction`` of the training split (seeded shuffle); it becomes the test split.
-
-        The real test split is dropped, so model selection never sees it.
-        """
-        if not 0.0 < fraction < 1.0:
-            raise FlatlabError(f"validation fraction must be in (0, 1), got {fraction!r}")
-        n = len(self.y_train)
-        n_val = int(round(n * fraction))
-        if n_val < 1 or n_val >= n:
-            raise FlatlabError(
-                f"validation fraction {fraction} of {n} training examples leaves an empty split")
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        val, train = order[:n_val], order[n_val:]
-        kwargs = dict(self.spec["kwargs"], validation_fraction=fraction, validation_seed=seed)
-        return replace(self, x_train=self.x_train[train], y_train=self.y_train[train],
-                       x_test=self.x_train[val], y_test=self.y_train[val],
-                       spec=dict(self.spec, kwargs=kwargs))
-
-
-def load_dataset(name: str, *, seed: int = 0, data_dir: str | os.PathLike | None = None,
-                 **kwargs: Any) -> Dataset:
-    """Load a registered data set (see the module docstring for the names).
-
-    ``seed`` fixes any random split or generation the data set needs. Extra ``kwargs`` go to the
-    data set's loader (``mnist1d``: ``num_samples``, ``train_split``, ``shuffle_seq``,
-    ``generation_seed``; ``synthetic``: ``train_size``, ``test_size``, ``input_shape``,
-    ``num_classes``, ``teacher_hidden``); every data set also takes ``validation_fraction``
-    (and ``validation_seed``) to use part of the training split as the test split.
-    """
-    if name not in _LOADERS:
-        raise FlatlabError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    loader = _LOADERS[name]
-    validation = {k: kwargs.pop(k) for k in _VALIDATION_KWARGS if k in kwargs}
-    _check_kwargs(f"dataset {name!r}", loader, kwargs, skip=("seed", "data_dir"))
-    x_train, y_train, x_test, y_test, num_classes = loader(seed=seed, data_dir=data_dir, **kwargs)
-    dataset = Dataset(
-        name=name, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test,
-        num_classes=num_classes, input_shape=tuple(x_train.shape[1:]),
-        spec={"name": name, "seed": seed, "kwargs": _jsonable(kwargs)})
-    if validation:
-        if "validation_fraction" not in validation:
-            raise FlatlabError("validation_seed given without validation_fraction")
-        dataset = dataset.split_validation(float(validation["validation_fraction"]),
-                                           int(validation.get("validation_seed", 0)))
-    return dataset
-
-
-def dataset_from_spec(spec: dict, *, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Rebuild a data set from its ``spec`` (as stored in a checkpoint's metadata)."""
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-        raise FlatlabError(f"dataset spec must be a dict with a 'name', got {spec!r}")
-    unknown = set(spec) - {"name", "seed", "kwargs"}
-    if unknown:
-        raise FlatlabError(f"dataset spec has unknown keys {sorted(unknown)}")
-    kwargs = spec.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise FlatlabError(f"dataset spec kwargs must be a dict, got {kwargs!r}")
-    return load_dataset(spec["name"], seed=int(spec.get("seed", 0)), data_dir=data_dir, **kwargs)
+from flatlab.io import WriteError, atomic_path
 
 
 def cache_dir() -> Path:
@@ -130,11 +45,11 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- loaders
 # Each returns (x_train, y_train, x_test, y_test, num_classes) with x float32, y int64.
 
-_Arrays = tuple[Tensor, Tensor, Tensor, Tensor, int]
+Arrays = tuple[Tensor, Tensor, Tensor, Tensor, int]
 
 
 def _mnist1d(*, seed: int, data_dir: Any, num_samples: int = 5000, train_split: float = 0.8,
-             shuffle_seq: bool = False, generation_seed: int = 42) -> _Arrays:
+             shuffle_seq: bool = False, generation_seed: int = 42) -> Arrays:
     """MNIST-1D (Greydanus 2020) as the package generates it; ``generation_seed=42`` and the
     defaults give the standard 4000/1000 benchmark split, whatever ``seed`` is."""
     args = {"num_samples": int(num_samples), "train_split": float(train_split),
@@ -149,7 +64,7 @@ def _mnist1d(*, seed: int, data_dir: Any, num_samples: int = 5000, train_split: 
         try:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, **arrays)
-        except OSError:
+        except (OSError, WriteError):
             pass  # an unwritable cache only costs the next run two seconds
     x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
     x_test, y_test = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
@@ -188,7 +103,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _digits(*, seed: int, data_dir: Any, test_size: int = 360) -> _Arrays:
+def _digits(*, seed: int, data_dir: Any, test_size: int = 360) -> Arrays:
     """scikit-learn's 1797 8x8 digits; a stratified split seeded by ``seed`` (1437/360)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -205,7 +120,7 @@ def _digits(*, seed: int, data_dir: Any, test_size: int = 360) -> _Arrays:
             _tensor((x_test - mean) / std), torch.from_numpy(y_test), 10)
 
 
-def _cifar10(*, seed: int, data_dir: Any) -> _Arrays:
+def _cifar10(*, seed: int, data_dir: Any) -> Arrays:
     """CIFAR-10 from ``data_batch_1..5`` and ``test_batch`` (the python version)."""
     root = _find_cifar_dir(data_dir, "cifar10", "cifar-10-batches-py",
                            [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
@@ -216,7 +131,7 @@ def _cifar10(*, seed: int, data_dir: Any) -> _Arrays:
     return (*_cifar_tensors(x_train, y_train, x_test, y_test), 10)
 
 
-def _cifar100(*, seed: int, data_dir: Any) -> _Arrays:
+def _cifar100(*, seed: int, data_dir: Any) -> Arrays:
     """CIFAR-100 (fine labels) from ``train`` and ``test`` (the python version)."""
     root = _find_cifar_dir(data_dir, "cifar100", "cifar-100-python", ["train", "test"])
     x_train, y_train = _read_cifar_pickle(root / "train", b"fine_labels", 100)
@@ -226,7 +141,7 @@ def _cifar100(*, seed: int, data_dir: Any) -> _Arrays:
 
 def _synthetic(*, seed: int, data_dir: Any, train_size: int = 512, test_size: int = 256,
                input_shape: Any = (20,), num_classes: int = 4,
-               teacher_hidden: int = 32) -> _Arrays:
+               teacher_hidden: int = 32) -> Arrays:
     """Teacher-student data: x ~ N(0, I); y = argmax of a random tanh MLP teacher's logits."""
     shape = tuple(int(s) for s in (input_shape if isinstance(input_shape, list | tuple)
                                    else (input_shape,)))
@@ -248,7 +163,7 @@ def _synthetic(*, seed: int, data_dir: Any, train_size: int = 512, test_size: in
         int(num_classes)
 
 
-_LOADERS: dict[str, Callable[..., _Arrays]] = {
+LOADERS: dict[str, Callable[..., Arrays]] = {
     "mnist1d": _mnist1d, "digits": _digits, "cifar10": _cifar10, "cifar100": _cifar100,
     "synthetic": _synthetic,
 }
@@ -335,21 +250,3 @@ def _cifar_tensors(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray,
 
 def _tensor(array: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
-
-
-def _check_kwargs(what: str, fn: Callable, kwargs: dict, skip: tuple[str, ...] = ()) -> None:
-    accepted = [p for p in inspect.signature(fn).parameters if p not in skip]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise FlatlabError(f"{what} got unknown argument(s) {', '.join(unknown)}; accepted: "
-                           f"{', '.join(accepted + list(_VALIDATION_KWARGS)) or 'none'}")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, bool | int | float | str) or value is None:
-        return value
-    raise FlatlabError(f"dataset argument {value!r} is not a plain value (number, string, list)")
