@@ -8,6 +8,7 @@ Every estimator takes any object with ``size``, ``dtype``, ``device`` and ``matv
 symmetric operator); :class:`DenseOperator` wraps an explicit matrix for tests.
 """
 
+from flatlab.evaluation import select_parameters
 from flatlab.hessian.density import DensityResult, spectral_density
 from flatlab.hessian.lanczos import EigenResult, top_eigenvalues
 from flatlab.hessian.operator import (
@@ -16,7 +17,7 @@ from flatlab.hessian.operator import (
     DenseOperator,
     HessianOperator,
     LinearOperator,
-    select_parameters,
+    as_scipy,
 )
 from flatlab.hessian.trace import TRACE_METHODS, TraceResult, trace
 
@@ -30,6 +31,7 @@ __all__ = [
     "HessianOperator",
     "LinearOperator",
     "TraceResult",
+    "as_scipy",
     "select_parameters",
     "spectral_density",
     "top_eigenvalues",
