@@ -19,6 +19,15 @@ from flatlab.hessian.operator import (
     LinearOperator,
     as_scipy,
 )
+from flatlab.hessian.paper import (
+    NormTraceResult,
+    PaperEigenResult,
+    batch_mean,
+    norm_trace,
+    paper_parameters,
+    paper_top_eigenvalue,
+    paper_trace,
+)
 from flatlab.hessian.trace import TRACE_METHODS, TraceResult, trace
 
 __all__ = [
@@ -30,8 +39,15 @@ __all__ = [
     "EigenResult",
     "HessianOperator",
     "LinearOperator",
+    "NormTraceResult",
+    "PaperEigenResult",
     "TraceResult",
     "as_scipy",
+    "batch_mean",
+    "norm_trace",
+    "paper_parameters",
+    "paper_top_eigenvalue",
+    "paper_trace",
     "select_parameters",
     "spectral_density",
     "top_eigenvalues",
