@@ -8,6 +8,9 @@ optimizer in turn (rotating the order), after warm-up rounds; the table reports 
 over rounds. "passes" is the number of forward/backward passes per step, so "ratio / passes"
 shows the cost of everything besides them (1.00 = none). NSO with k perturbations needs 2k
 passes; "nso k=1 +clean" adds the clean pass that the official implementation always runs.
+"+scaler" rows run the fp16 recipe's bookkeeping in fp32 (``scaler.scale(loss).backward()``,
+``step(closure, scaler=scaler)``, ``scaler.update()``; no autocast): the cost of the
+unscale, the inf/NaN check and its device sync, separated from any fp16 speed-up.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "nso k=2": lambda p: NSO(p, sigma=0.01, num_perturbs=2, seed=0, lr=0.05, momentum=0.9),
     "nso k=1 +clean": lambda p: NSO(p, sigma=0.01, num_perturbs=1, clean_weight=0.5, seed=0,
                                     lr=0.05, momentum=0.9),
+    "sam +scaler": lambda p: SAM(p, rho=0.05, lr=0.05, momentum=0.9),
+    "nso k=1 +scaler": lambda p: NSO(p, sigma=0.01, num_perturbs=1, seed=0, lr=0.05,
+                                     momentum=0.9),
 }
+WITH_SCALER = ("sam +scaler", "nso k=1 +scaler")
 
 
 def synchronize(device: torch.device) -> None:
@@ -49,8 +56,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
-               batches: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Seconds per step over ``batches`` (one step each, LBFGS-style closure for all)."""
+               batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """Seconds per step over ``batches`` (one step each, LBFGS-style closure for all; with
+    ``scaler``: the fp16 recipe's calls, without autocast)."""
     loss_fn = nn.CrossEntropyLoss()
     device = batches[0][0].device
     synchronize(device)
@@ -59,9 +68,13 @@ def time_steps(model: nn.Module, optimizer: torch.optim.Optimizer,
         def closure(x=x, y=y):
             optimizer.zero_grad()
             loss = loss_fn(model(x), y)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             return loss
-        optimizer.step(closure)
+        if scaler is None:
+            optimizer.step(closure)
+        else:
+            optimizer.step(closure, scaler=scaler)
+            scaler.update()
     synchronize(device)
     return (time.perf_counter() - start) / len(batches)
 
@@ -97,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     template = build_model("mlp", data.input_shape, data.num_classes).to(device)
     models = {name: copy.deepcopy(template) for name in OPTIMIZERS}
     optimizers = {name: make(models[name].parameters()) for name, make in OPTIMIZERS.items()}
+    scalers = {name: torch.amp.GradScaler(device.type) for name in WITH_SCALER}
     order = torch.randperm(len(data.x_train), generator=torch.Generator().manual_seed(0))
     starts = range(0, len(order) - args.batch_size + 1, args.batch_size)
     batches = [(data.x_train[order[i:i + args.batch_size]].to(device),
@@ -108,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for round_ in range(args.warmup + args.repeats):
         block = [batches[(round_ * args.steps + i) % len(batches)] for i in range(args.steps)]
         for name in names[round_ % len(names):] + names[:round_ % len(names)]:
-            seconds = time_steps(models[name], optimizers[name], block)
+            seconds = time_steps(models[name], optimizers[name], block, scalers.get(name))
             if round_ >= args.warmup:
                 times[name].append(seconds)
         seconds = time_noise(list(template.parameters()), generator, args.steps)
