@@ -15,7 +15,6 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from flatlab import __version__
 from flatlab.errors import ArgumentParser, run_cli
 
 # subcommand -> (module with main(argv), one-line help)
@@ -30,10 +29,10 @@ COMMANDS = {
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="flatlab", allow_abbrev=False,
+    parser = ArgumentParser(prog="flatlab",
                             description="Find and measure flat minima. Run `flatlab COMMAND "
                                         "--help` for a command's flags.")
-    parser.add_argument("--version", action="version", version=f"flatlab {__version__}")
+    parser.add_version()
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, text) in COMMANDS.items():
         commands.add_parser(name, help=text, add_help=False)

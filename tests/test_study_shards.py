@@ -113,3 +113,28 @@ def test_sharded_study_waits_for_the_whole_sweep_then_aggregates(tmp_path, fake_
     assert len(rows) == ran == len(sweep) + len(finals) and len(finals) == 4 * 3
     assert len(set(rows["key"])) == len(rows)                # no run twice
     assert (out / "index.html").is_file() and len(result.summary) == 4
+
+
+def test_an_arm_with_its_own_sweep_takes_its_own_choice(tmp_path, fake_execute):
+    """A filter-noise NSO arm: swept separately from NSO (absolute), its runs train with
+    noise="filter", and its final runs use its own chosen sigma."""
+    base = tiny_study()
+    arm = plan.Method("nso-filter k=1", "nso", 1, baseline=False, sweep="nso-filter",
+                      train_args={"noise": "filter"})
+    study = plan.StudyConfig(**{**base.__dict__, "methods": base.methods + (arm,),
+                                "sweep": {**base.sweep, "nso-filter": ("sigma", (0.02, 0.2))}})
+    sweep = plan.sweep_runs(study)
+    filtered = [r for r in sweep if r.variant.method is arm]
+    assert [r.hyper for r in filtered] == [{"sigma": 0.02}, {"sigma": 0.2}]
+    assert {r.config["noise"] for r in filtered} == {"filter"}
+    assert {r.config["noise"] for r in sweep if r.variant.method.label == "nso k=1"} == {None}
+    result = pipeline.run_study(study, tmp_path / "out", tmp_path / "runs", title="T",
+                                command="C", say=lambda _: None)
+    rows = pd.read_csv(tmp_path / "out" / runner.RESULTS_CSV)
+    assert set(rows.loc[rows["method"] == arm.label, "noise"]) == {"filter"}
+    assert set(rows.loc[rows["method"] == "nso k=1", "noise"]) == {"absolute"}
+    chosen = result.summary.set_index("variant")["hyperparameter"]
+    swept = rows[(rows["phase"] == "sweep") & (rows["sweep"] == "nso-filter")]
+    best = swept.sort_values(["test_acc", "test_loss"], ascending=[False, True]).iloc[0]
+    assert chosen[arm.label] == f"sigma={best['hyper_value']:g} (filter)"
+    assert chosen["nso k=1"].endswith("(absolute)")

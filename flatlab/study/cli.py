@@ -19,15 +19,15 @@ PRESETS = {preset.NAME: preset for preset in (scratch, demo)}
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="flatlab.study", allow_abbrev=False,
+    parser = ArgumentParser(prog="flatlab.study",
                             description="Run a study preset: train its runs (resumable, "
                                         "in parallel, or one shard of them), measure them, and "
                                         "write its report.")
-    demo._add_version(parser)
+    parser.add_version()
     presets = parser.add_subparsers(dest="preset", required=True, metavar="PRESET")
     for name, preset in PRESETS.items():
         configure = presets.add_parser(name, help=preset.DESCRIPTION,
-                                       description=preset.DESCRIPTION, allow_abbrev=False)
+                                       description=preset.DESCRIPTION)
         preset.configure(configure)
     return parser
 

@@ -147,8 +147,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="flatlab.demo", description=DESCRIPTION, allow_abbrev=False)
-    _add_version(parser)
+    parser = ArgumentParser(prog="flatlab.demo", description=DESCRIPTION)
+    parser.add_version()
     configure(parser)
     return parser
 
@@ -157,11 +157,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     return run(build_parser().parse_args(argv), argv)
 
-
-def _add_version(parser: ArgumentParser) -> None:
-    if hasattr(parser, "add_version"):
-        parser.add_version()
-    else:  # until flatlab.errors.ArgumentParser has its --version helper
-        from flatlab import __version__
-
-        parser.add_argument("--version", action="version", version=f"flatlab {__version__}")
