@@ -169,7 +169,7 @@ class PerturbationOptimizer(Optimizer):
             if self._sum_scale is not None and self._sum_scale != 1.0:
                 torch._foreach_mul_(present, self._sum_scale)
             if self._nonfinite is not None and present:  # + 0 if finite, + NaN otherwise
-                present[0].view(-1)[:1].add_(self._nonfinite * 0.0)
+                min(present, key=Tensor.numel).add_(self._nonfinite * 0.0)
             grads = self._average_over_ranks(grads) if self._ddp else grads
             for p, g in zip(self._params, grads, strict=True):
                 p.grad = g
