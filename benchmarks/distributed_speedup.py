@@ -65,7 +65,7 @@ def _flat(entry: dict) -> list[float]:
 
 
 def make_checkpoint(directory: Path) -> Path:
-    from flatlab.train import TrainConfig, train
+    from flatlab.training import TrainConfig, train
 
     config = TrainConfig(model="mlp", optimizer="sgd", epochs=1, device="cpu",
                          out=str(directory / "run"))

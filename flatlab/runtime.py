@@ -13,7 +13,8 @@ from flatlab.errors import FlatlabError
 
 DEVICES = ("auto", "cpu", "cuda")
 # --precision: the dtype the forward passes run in under torch.autocast (None: no autocast)
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
+                                                  "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -14,7 +14,8 @@ import torch
 
 from flatlab.checkpoint import load_state, read_checkpoint
 from flatlab.errors import FlatlabError
-from flatlab.train import TrainConfig, main, train
+from flatlab.training import TrainConfig, train
+from flatlab.training.cli import main
 
 # 1024 examples in batches of 16: 64 steps per epoch, 3 epochs; state saved every 5 steps
 RUN = ["--dataset", "synthetic", "--dataset-arg", "train_size=1024", "--model", "mlp",

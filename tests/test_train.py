@@ -19,15 +19,8 @@ from hypothesis import strategies as st
 
 from flatlab.checkpoint import load_model, load_state, read_checkpoint
 from flatlab.errors import FlatlabError, run_cli
-from flatlab.train import (
-    METRICS_COLUMNS,
-    TrainConfig,
-    epoch_order,
-    lr_factor,
-    main,
-    parse_args,
-    train,
-)
+from flatlab.training import METRICS_COLUMNS, TrainConfig, epoch_order, lr_factor, train
+from flatlab.training.cli import main, parse_args
 
 # 512 synthetic examples, batch 128: 4 steps per epoch; a tiny MLP; well under a second
 TINY = ["--dataset", "synthetic", "--model", "mlp", "--model-arg", "hidden=[16]",
@@ -396,13 +389,13 @@ def test_on_nan_skip_undoes_exactly_that_step(tmp_path, flaky, optimizer, calls_
     nan_call = 4 * calls_per_step
     common = dict(model="flaky_models:flaky", optimizer=optimizer, schedule="none")
     result = train(tiny_config(tmp_path / "a", on_nan="skip", model_kwargs={
-        "nan_calls": [nan_call]}, **common), progress=False)
+        "nan_calls": [nan_call]}, **common), progress=False, trust_code=True)
     assert result.metrics[0]["skipped_steps"] == 1
     assert result.metrics[0]["grad_evals"] == 4 * calls_per_step
     # run B crashes in step 4 right after saving the state of step 3: the weights to expect
     with pytest.raises(RuntimeError, match="planned crash"):
         train(tiny_config(tmp_path / "b", save_every_steps=3, model_kwargs={
-            "raise_calls": [3 * calls_per_step + 1]}, **common), progress=False)
+            "raise_calls": [3 * calls_per_step + 1]}, **common), progress=False, trust_code=True)
     after_three = load_state(tmp_path / "b" / "train_state.safetensors")
     assert after_three["step"] == 3
     assert_same_weights(weights(tmp_path / "a"), after_three["model"])
@@ -411,7 +404,8 @@ def test_on_nan_skip_undoes_exactly_that_step(tmp_path, flaky, optimizer, calls_
 def test_on_nan_skip_gives_up_when_every_step_is_nan(tmp_path, flaky):
     with pytest.raises(FlatlabError, match="every step of epoch 1 had a non-finite loss") as err:
         train(tiny_config(tmp_path / "a", on_nan="skip", model="flaky_models:flaky",
-                          model_kwargs={"nan_calls": [1, 2, 3, 4]}), progress=False)
+                          model_kwargs={"nan_calls": [1, 2, 3, 4]}), progress=False,
+              trust_code=True)
     assert err.value.exit_code == 3
 
 
@@ -516,3 +510,13 @@ def test_bad_step_schedule_flags(tmp_path, capsys, args, message):
     code = run_cli(main, [*TINY, *args, "--out", str(tmp_path / "r")], prog="flatlab.train")
     err = capsys.readouterr().err
     assert code == 2 and __import__("re").search(message, err), err
+
+
+def test_the_old_module_still_exports_what_scripts_import():
+    import flatlab.train as legacy
+    import flatlab.training as training
+
+    for name in ("TrainConfig", "train", "STATE_NAME", "CONFIG_NAME", "METRICS_NAME",
+                 "CHECKPOINT_NAME", "METRICS_COLUMNS", "epoch_order", "lr_factor"):
+        assert getattr(legacy, name) is getattr(training, name), name
+    assert legacy.main is main and legacy.parse_args is parse_args

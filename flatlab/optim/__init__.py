@@ -37,7 +37,8 @@ is salted (:func:`noise_generator`), so one ``seed`` may seed both the weights a
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ def build_optimizer(
     base: str = "sgd",
     model: nn.Module | None = None,
     independent_noise: bool = False,
+    base_kwargs: Mapping[str, Any] | None = None,
 ) -> Optimizer:
     """Build an optimizer by name (one of :data:`OPTIMIZERS`) on base ``base``.
 
@@ -96,7 +98,8 @@ def build_optimizer(
     method does not use (``sigma`` for SAM, ``rho`` for NSO) is an error. ``momentum`` applies
     to the SGD base only (Adam/AdamW keep their betas). ``seed`` seeds the noise generator of
     NSO/RWP (salted: :func:`noise_generator`); ``model`` and ``independent_noise`` are passed
-    on (see :class:`NSO`).
+    on (see :class:`NSO`). ``base_kwargs`` are further keyword arguments of the base optimizer
+    (``amsgrad``, ``betas``, ...); ``lr``, ``weight_decay`` and ``momentum`` have their own.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
@@ -112,14 +115,29 @@ def build_optimizer(
         raise ValueError(f"{', '.join(unused)} does not apply to optimizer {name!r} "
                          f"(it takes: {takes})")
     base_cls = BASE_OPTIMIZERS[base]
-    base_kwargs: dict[str, Any] = {"lr": lr, "weight_decay": weight_decay}
+    options = dict(base_kwargs or {})
+    base_kwargs = {"lr": lr, "weight_decay": weight_decay}
     if base == "sgd":
         base_kwargs["momentum"] = momentum
+    base_kwargs.update(_base_options(base, options))
     if name == "sgd":
         return base_cls(params, **base_kwargs)
     if name in ("nso", "rwp"):
         given.update(seed=seed, independent_noise=independent_noise)
     return _METHODS[name](params, base_cls, model=model, **given, **base_kwargs)
+
+
+def _base_options(base: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Extra keyword arguments of base optimizer ``base``, checked by name (lists -> tuples)."""
+    own = sorted(set(options) & {"params", "lr", "weight_decay", "momentum"})
+    if own:
+        raise ValueError(f"base optimizer option(s) {', '.join(own)} have their own arguments")
+    accepted = [p for p in inspect.signature(BASE_OPTIMIZERS[base]).parameters if p != "params"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)} for base optimizer {base!r}; "
+                         f"accepted: {', '.join(accepted)}")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
 
 
 def gradient_evaluations_per_step(optimizer: Optimizer) -> int:

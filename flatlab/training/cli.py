@@ -12,10 +12,13 @@ import argparse
 import re
 import tomllib
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flatlab import distributed
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
+from flatlab.factory import is_factory_name
 from flatlab.training.config import TrainConfig
 from flatlab.training.fields import Declared
 from flatlab.training.rundir import saved_config
@@ -38,6 +41,11 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its "
                    "last saved state")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--trust-code", action="store_true", help="allow importing the "
+                   "package.module:factory a resumed run's saved config names (naming it on "
+                   "the command line or in --config already allows it)")
+    p.add_argument("--trust-pickle", action="store_true", help="allow --init-from to read a "
+                   "torch.save (.pt/.pth) file, with torch.load(weights_only=True)")
     p.add_version()
     return p
 
@@ -61,14 +69,35 @@ def _help(f: Declared) -> str:
     return f"{f.rule.help} (default {f.default})"
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool, bool]:
-    """Command line -> ``(validated config, resume, progress)``; never trains."""
+@dataclass(frozen=True)
+class Command:
+    """A parsed command line: the validated config and how to run it."""
+
+    config: TrainConfig
+    resume: bool
+    progress: bool
+    trust_code: bool
+    trust_pickle: bool
+
+
+def parse_command(argv: Sequence[str] | None = None) -> Command:
+    """Command line -> :class:`Command`; never trains.
+
+    Consent to import code: ``--trust-code``, or every ``package.module:factory`` in the config
+    named by the user now (a flag or the ``--config`` file): a fresh run's config is the user's
+    own words; a resumed run's saved config is a file.
+    """
     args = vars(build_parser().parse_args(argv))
     resume = bool(args.pop("resume", False))
     progress = not args.pop("no_progress", False)
+    trust_code = bool(args.pop("trust_code", False))
+    trust_pickle = bool(args.pop("trust_pickle", False))
     config = saved_config(args.get("out")) if resume else TrainConfig()
+    named = set(args)
     if "config" in args:
-        config = TrainConfig.from_toml(args.pop("config"), base=config)
+        path = args.pop("config")
+        config = TrainConfig.from_toml(path, base=config)
+        named |= _keys_of(path)
     values: dict[str, Any] = {}
     for f in TrainConfig.declared():
         if f.name not in args:
@@ -79,7 +108,21 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool, bo
             values[f.name] = table
         else:
             values[f.name] = args[f.name]
-    return TrainConfig.from_dict(values, source=PROG, base=config).validate(), resume, progress
+    config = TrainConfig.from_dict(values, source=PROG, base=config).validate()
+    factories = [key for key in ("model", "dataset") if is_factory_name(getattr(config, key))]
+    trust_code = trust_code or not resume or all(key in named for key in factories)
+    return Command(config, resume, progress, trust_code, trust_pickle)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[TrainConfig, bool, bool]:
+    """Command line -> ``(validated config, resume, progress)``; never trains."""
+    command = parse_command(argv)
+    return command.config, command.resume, command.progress
+
+
+def _keys_of(path: str) -> set[str]:
+    """The keys a TOML file sets (it has been read successfully already)."""
+    return set(tomllib.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def parse_pair(pair: str, flag: str) -> tuple[str, Any]:
@@ -97,11 +140,13 @@ def parse_pair(pair: str, flag: str) -> tuple[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, train; under torchrun start (and end) the process group."""
-    config, resume, progress = parse_args(argv)
+    command = parse_command(argv)
     # a caller's process group is left alone
-    started = not distributed.is_initialized() and distributed.init_from_env(config.device)
+    started = (not distributed.is_initialized()
+               and distributed.init_from_env(command.config.device))
     try:
-        train(config, progress=progress, resume=resume)
+        train(command.config, progress=command.progress, resume=command.resume,
+              trust_code=command.trust_code, trust_pickle=command.trust_pickle)
     finally:
         if started:
             distributed.cleanup()

@@ -37,18 +37,21 @@ class Rule:
     """What one field accepts and how it is named outside Python.
 
     ``choices``: the accepted strings; ``pattern`` (a regex) accepts more, described to the
-    user by ``pattern_text``. ``low``/``high`` bound a number (``*_open``: strict). ``flag``
-    defaults to ``--name-with-dashes``. ``resumable``: may differ when a run is resumed.
+    user by ``pattern_text``; ``noun`` words the refusal ("unknown model 'x'"). ``low`` and
+    ``high`` bound a number (``*_open``: strict). ``flag`` defaults to ``--name-with-dashes``.
+    ``resumable``: may differ when a run is resumed.
     ``in_file``: written to the TOML file at all; ``write_default``: written even when equal to
     the default. ``record``: ``"always"`` or ``"changed"`` (when not the default) in the
     checkpoint's optimizer record, under ``record_as`` (default: the name). ``only_with =
-    (other, values)``: a value other than the default needs field ``other`` in ``values``.
+    (other, values)``: a value other than the default needs field ``other`` in ``values``
+    (``values=None``: ``other`` set to anything but its default).
     """
 
     help: str
     choices: tuple[str, ...] = ()
     pattern: str | None = None
     pattern_text: str = ""
+    noun: str = ""
     low: float | None = None
     high: float | None = None
     low_open: bool = False
@@ -60,7 +63,7 @@ class Rule:
     write_default: bool = True
     record: str | None = None
     record_as: str = ""
-    only_with: tuple[str, tuple[str, ...]] | None = None
+    only_with: tuple[str, tuple[str, ...] | None] | None = None
 
 
 def option(default: Any, help: str, **rule: Any) -> Any:
@@ -114,13 +117,11 @@ class Declared:
         rule = self.rule
         if value is None and type(None) in self.types:
             return
-        if rule.choices and value not in rule.choices:
-            if rule.pattern is None:
-                raise FlatlabError(f"{self.flag}: invalid choice {value!r}; choose one of "
-                                   f"{', '.join(rule.choices)}")
-            if not (isinstance(value, str) and re.fullmatch(rule.pattern, value)):
-                raise FlatlabError(f"{self.flag}: unknown {self.name} {value!r}; choose one of "
-                                   f"{', '.join(rule.choices)}{rule.pattern_text}")
+        if rule.choices and value not in rule.choices and not (
+                rule.pattern and isinstance(value, str) and re.fullmatch(rule.pattern, value)):
+            refusal = f"unknown {rule.noun}" if rule.noun else "invalid choice"
+            raise FlatlabError(f"{self.flag}: {refusal} {value!r}; choose one of "
+                               f"{', '.join(rule.choices)}{rule.pattern_text}")
         if rule.low is not None or rule.high is not None:
             _bounded(self.flag, value, rule)
 
@@ -129,11 +130,13 @@ class Declared:
         if self.rule.only_with is None or getattr(config, self.name) == self.default:
             return
         other, values = self.rule.only_with
+        declared = next(f for f in config.declared() if f.name == other)
         current = getattr(config, other)
-        if current not in values:
-            flag = next(f.flag for f in config.declared() if f.name == other)
+        if values is None and current == declared.default:
+            raise FlatlabError(f"{self.flag} applies only with {declared.flag}")
+        if values is not None and current not in values:
             raise FlatlabError(f"{self.flag} applies to {' and '.join(values)} only, not "
-                               f"{flag} {current!r}")
+                               f"{declared.flag} {current!r}")
 
 
 T = TypeVar("T", bound="DeclaredConfig")

@@ -1,8 +1,8 @@
 """The run directory: its file names, choosing it, refusing to overwrite it, writing its text.
 
 ``runs/NAME`` holds ``config.toml`` (the resolved config, re-runnable), ``metrics.csv`` (one row
-per epoch), ``model.safetensors`` (weights + metadata) and ``train_state.safetensors`` (for
-``--resume``). Every write is atomic.
+per epoch), ``model.safetensors`` (weights + metadata), ``train_state.safetensors`` (for
+``--resume``) and, with ``--keep best``, ``best.safetensors``. Every write is atomic.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from flatlab.training.config import TrainConfig
 STATE_NAME = "train_state.safetensors"
 METRICS_NAME = "metrics.csv"
 CONFIG_NAME = "config.toml"
-RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, METRICS_NAME, CONFIG_NAME)
+BEST_NAME = "best.safetensors"
+RUN_FILES = (CHECKPOINT_NAME, STATE_NAME, METRICS_NAME, CONFIG_NAME, BEST_NAME)
 METRICS_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "seconds",
                    "grad_evals", "lr", "skipped_steps")
+VAL_COLUMNS = ("val_loss", "val_acc")  # appended when the data set has a validation split
 STATE_KIND = "flatlab-train-state"
 
 

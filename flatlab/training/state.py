@@ -4,7 +4,9 @@
 step, gradient evaluations, seconds, finished rows of ``metrics.csv``, the partial totals of the
 current epoch), the model, optimizer and scheduler state dicts (NSO's noise generator is in the
 optimizer's), torch's RNG states and, with ``independent_noise`` on several processes, every
-rank's noise generator state.
+rank's noise generator state. Where they apply: every rank's augmentation generator state
+(``augment``), the fp16 gradient scaler (``scaler``), the best epoch so far (``best``: epoch,
+val_acc, val_loss) and what ``--init-from`` did (``init_from``).
 """
 
 from __future__ import annotations
@@ -47,11 +49,14 @@ class Progress:
     elapsed: float = 0.0
     metrics: list[dict] = field(default_factory=list)
     partial: EpochTotals = field(default_factory=EpochTotals)
+    best: dict | None = None       # {"epoch", "val_acc", "val_loss"} of best.safetensors
+    init_from: dict | None = None  # the checkpoint metadata entry of --init-from
 
 
 def save_train_state(path: Path, config: TrainConfig, parts: Parts, progress: Progress) -> None:
     """Write the training state (rank 0); a collective: every rank must call it."""
     noise_states = _gather_noise_states(config, parts)
+    augment = _gather(parts.augment, parts.world) if parts.augment is not None else None
     if not distributed.is_main_process():
         return
     rng: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -65,7 +70,14 @@ def save_train_state(path: Path, config: TrainConfig, parts: Parts, progress: Pr
         "model": parts.module.state_dict(), "optimizer": parts.optimizer.state_dict(),
         "scheduler": parts.scheduler.state_dict(), "rng": rng,
         **({"noise_states": noise_states} if noise_states is not None else {}),
+        **_optional(augment=augment, best=progress.best, init_from=progress.init_from,
+                    scaler=parts.scaler.state_dict() if parts.scaler is not None else None),
     })
+
+
+def _optional(**entries: Any) -> dict[str, Any]:
+    """The entries that apply (not None): a run without them saves the state it always did."""
+    return {key: value for key, value in entries.items() if value is not None}
 
 
 def restore_train_state(state: dict, config: TrainConfig, parts: Parts) -> Progress:
@@ -78,11 +90,16 @@ def restore_train_state(state: dict, config: TrainConfig, parts: Parts) -> Progr
     cuda_states = state["rng"].get("cuda") or []
     if parts.device.type == "cuda" and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+    if parts.augment is not None:
+        _scatter(parts.augment, state.get("augment"), parts.world)
+    if parts.scaler is not None and state.get("scaler"):
+        parts.scaler.load_state_dict(state["scaler"])
     return Progress(epoch=int(state["epoch"]), batch=int(state["batch"]),
                     step=int(state["step"]), grad_evals=int(state["grad_evals"]),
                     elapsed=float(state["elapsed"]),
                     metrics=[dict(row) for row in state["metrics"]],
-                    partial=EpochTotals(**state["partial"]))
+                    partial=EpochTotals(**state["partial"]), best=state.get("best"),
+                    init_from=state.get("init_from"))
 
 
 def _own_noise(config: TrainConfig, parts: Parts) -> torch.Generator | None:
@@ -112,3 +129,16 @@ def _restore_noise(config: TrainConfig, parts: Parts, noise_states: Tensor | Non
     else:  # saved with another number of processes: new streams, one per rank
         seed = int(torch.randint(2**62, (1,), generator=generator))
         generator.manual_seed((seed + 1_000_003 * distributed.rank()) % 2**63)
+
+
+def _gather(generator: torch.Generator, world: int) -> Tensor:
+    """Every rank's state of its own ``generator``, one row per rank (a collective)."""
+    state = generator.get_state().unsqueeze(0)
+    return distributed.all_gather_cat(state) if world > 1 else state
+
+
+def _scatter(generator: torch.Generator, states: Tensor | None, world: int) -> None:
+    """This rank's row of :func:`_gather`'s states; with another number of processes (or none
+    saved) the generator keeps the fresh stream it was seeded with."""
+    if states is not None and len(states) == world:
+        generator.set_state(states[distributed.rank()].clone())

@@ -9,12 +9,14 @@ that every rank sees the global batch's numbers and takes the same branch afterw
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from flatlab import distributed
+from flatlab.optim import PerturbationOptimizer
 from flatlab.runtime import autocast
 from flatlab.training.build import Parts
 
@@ -34,22 +36,36 @@ class StepOutcome:
 
 
 def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str) -> StepOutcome:
-    """``optimizer.step(closure)`` on the batch ``(x, y)``."""
+    """``optimizer.step(closure)`` on the model inputs ``x`` and labels ``y``.
+
+    With ``parts.scaler`` (fp16) the closure back-propagates the scaled loss and the scaler
+    unscales, skips a step with inf/NaN gradients and adapts the scale: a perturbation optimizer
+    takes it as ``step(closure, scaler=scaler)``, a plain one through ``scaler.step``.
+    """
     losses: list[Tensor] = []
     first: list[Tensor] = []
+    scaler = parts.scaler
 
     def closure() -> Tensor:
         parts.optimizer.zero_grad(set_to_none=True)
         with autocast(parts.device, precision):
             out = parts.model(x)
         loss = parts.criterion(out.float(), y)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         losses.append(loss.detach())
         if not first:
             first.append((out.detach().argmax(dim=1) == y).sum())
         return loss
 
-    parts.optimizer.step(closure)
+    if scaler is None:
+        parts.optimizer.step(closure)
+    elif isinstance(parts.optimizer, PerturbationOptimizer):
+        parts.optimizer.step(closure, scaler=scaler)
+        scaler.update()
+    else:
+        closure()
+        scaler.step(parts.optimizer)
+        scaler.update()
     values = torch.stack(losses).cpu() if losses else torch.zeros(1)
     finite = bool(torch.isfinite(values).all())
     # [loss sum, correct, count, non-finite ranks] of the global batch
@@ -86,16 +102,17 @@ def undo(parts: Parts, saved: Snapshot) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, *,
-             batch_size: int = EVAL_BATCH_SIZE) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy of ``model`` in eval mode (train mode is restored)."""
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = EVAL_BATCH_SIZE,
+             transform: Callable[[Tensor], Tensor] | None = None) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` in eval mode (train mode is restored);
+    ``transform`` turns each stored batch into model inputs (``Dataset.normalize``)."""
     was_training = model.training
     model.eval()
     loss_sum, correct = 0.0, 0
     try:
         for start in range(0, len(y), batch_size):
             xb, yb = x[start:start + batch_size], y[start:start + batch_size]
-            out = model(xb)
+            out = model(xb if transform is None else transform(xb))
             loss_sum += nn.functional.cross_entropy(out, yb, reduction="sum").item()
             correct += int((out.argmax(dim=1) == yb).sum())
     finally:

@@ -14,6 +14,11 @@ main process (rank 0) writes files or prints. ``precision="bf16"`` runs the forw
 under ``torch.autocast(bfloat16)``; weights, optimizer state, NSO's noise and the saved weight
 copies stay float32.
 
+Training batches go through ``--augment`` (crop-flip, from its own generator) and then the data
+set's ``normalize``; evaluation batches only through ``normalize``. With a validation split the
+epoch's row gains ``val_loss``/``val_acc``, and ``keep="best"`` writes ``best.safetensors``
+whenever validation accuracy improves (ties: lower validation loss).
+
 A NaN or infinite loss stops the run (:class:`~flatlab.errors.DivergenceError`, exit status 3)
 with the files of the last completed save left untouched; ``on_nan="skip"`` instead undoes that
 step (weights, buffers and optimizer state) and counts it in ``metrics.csv``.
@@ -30,12 +35,20 @@ import torch
 from tqdm.auto import tqdm
 
 from flatlab import distributed
+from flatlab.augment import crop_flip
 from flatlab.checkpoint import CHECKPOINT_NAME, save_checkpoint
 from flatlab.errors import DivergenceError
 from flatlab.training import rundir
 from flatlab.training.build import build
 from flatlab.training.config import TrainConfig
-from flatlab.training.rundir import CONFIG_NAME, METRICS_COLUMNS, METRICS_NAME, STATE_NAME
+from flatlab.training.rundir import (
+    BEST_NAME,
+    CONFIG_NAME,
+    METRICS_COLUMNS,
+    METRICS_NAME,
+    STATE_NAME,
+    VAL_COLUMNS,
+)
 from flatlab.training.schedule import batches_of, epoch_order
 from flatlab.training.state import EpochTotals, Progress, restore_train_state, save_train_state
 from flatlab.training.step import evaluate, snapshot, train_step, undo
@@ -50,12 +63,18 @@ class TrainResult:
     metrics: list[dict]
 
 
-def train(config: TrainConfig, *, progress: bool = True, resume: bool = False) -> TrainResult:
-    """Train as ``config`` says; with ``resume`` continue the run in ``config.out`` exactly."""
+def train(config: TrainConfig, *, progress: bool = True, resume: bool = False,
+          trust_code: bool = False, trust_pickle: bool = False) -> TrainResult:
+    """Train as ``config`` says; with ``resume`` continue the run in ``config.out`` exactly.
+
+    ``trust_code`` allows importing a ``package.module:factory`` model or data set;
+    ``trust_pickle`` reading a ``torch.save`` file for ``config.init_from``.
+    """
     config.validate()
     threads = torch.get_num_threads()
     try:
-        return Trainer(config, progress=progress, resume=resume).run()
+        return Trainer(config, progress=progress, resume=resume, trust_code=trust_code,
+                       trust_pickle=trust_pickle).run()
     finally:
         torch.set_num_threads(threads)  # a library call leaves the process as it found it
 
@@ -69,15 +88,17 @@ def say(message: str) -> None:
 class Trainer:
     """One run: its directory, its parts, its progress; :meth:`run` trains to the last epoch."""
 
-    def __init__(self, config: TrainConfig, *, progress: bool = True,
-                 resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, *, progress: bool = True, resume: bool = False,
+                 trust_code: bool = False, trust_pickle: bool = False) -> None:
         self.config = config
         self.show_progress = progress
         self.out_dir = rundir.resolve_out_dir(config, resume)
         self.state_path = self.out_dir / STATE_NAME
         saved = rundir.check_run_dir(self.out_dir, config, resume)
-        self.parts = build(config)
-        self.progress = Progress()
+        self.parts = build(config, fresh=saved is None, trust_code=trust_code,
+                           trust_pickle=trust_pickle)
+        report = self.parts.init_report
+        self.progress = Progress(init_from=report.metadata() if report is not None else None)
         self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the last state save
         if saved is not None:
             self.progress = restore_train_state(saved, config, self.parts)
@@ -95,6 +116,8 @@ class Trainer:
             rundir.remove_stale_temp_files(self.out_dir)
             rundir.write_config(self.out_dir, self.config)
         say(self._headline())
+        if self.parts.init_report is not None:
+            say(self._init_line())
         if not fresh:
             say(f"resuming from epoch {self.progress.epoch}, step {self.progress.step}")
         while self.progress.epoch < self.config.epochs:
@@ -121,6 +144,13 @@ class Trainer:
                 + (f" x {p.world} processes" if p.world > 1 else "")
                 + (f" ({p.threads} thread{'s' * (p.threads > 1)})"
                    if p.device.type == "cpu" else "") + f" -> {self.out_dir}")
+
+    def _init_line(self) -> str:
+        report = self.parts.init_report
+        assert report is not None
+        line = (f"init from {report.path}: {len(report.loaded)} tensors loaded, "
+                f"{len(report.reinitialised)} re-initialised")
+        return line + (f": {', '.join(report.reinitialised)}" if report.reinitialised else "")
 
     # ---- one epoch
     def _train_epoch(self) -> None:
@@ -159,7 +189,17 @@ class Trainer:
         if totals.skipped == len(batches):
             raise DivergenceError(f"every step of epoch {at.epoch + 1} had a non-finite loss "
                                   f"and was skipped; {self._last_good()}")
-        test_loss, test_acc = evaluate(p.module, p.x_test, p.y_test)
+        self._end_epoch(totals, started)
+
+    def _end_epoch(self, totals: EpochTotals, started: float) -> None:
+        """Evaluate, append the epoch's row, write the files and the state."""
+        c, p, at = self.config, self.parts, self.progress
+        test_loss, test_acc = evaluate(p.module, p.x_test, p.y_test,
+                                       transform=p.data.normalize)
+        val = None
+        if p.x_val is not None and p.y_val is not None:
+            val = ((test_loss, test_acc) if p.x_val is p.x_test else
+                   evaluate(p.module, p.x_val, p.y_val, transform=p.data.normalize))
         self._clock(totals, started)
         row = {"epoch": at.epoch + 1,
                "train_loss": totals.loss_sum / max(totals.count, 1),
@@ -167,16 +207,25 @@ class Trainer:
                "test_loss": test_loss, "test_acc": test_acc,
                "seconds": round(at.elapsed, 3), "grad_evals": at.grad_evals,
                "lr": totals.lr, "skipped_steps": totals.skipped}
+        if val is not None:
+            row.update(val_loss=val[0], val_acc=val[1])
         at.metrics.append(row)
         at.epoch += 1
         at.batch = 0
         at.partial = EpochTotals()
         self._write_outputs()
+        if c.keep == "best" and val is not None and _better(val, at.best):
+            at.best = {"epoch": at.epoch, "val_acc": val[1], "val_loss": val[0]}
+            if distributed.is_main_process():
+                save_checkpoint(self.out_dir / BEST_NAME, p.module, self._metadata())
         self._save_state()
         say(f"epoch {row['epoch']:>3}/{c.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_acc']:.2f}%  test loss {test_loss:.4f} "
-            f"acc {100 * test_acc:.2f}%  lr {row['lr']:.3g}  {at.elapsed:.1f}s"
-            + (f"  skipped {totals.skipped}" if totals.skipped else ""))
+            f"acc {100 * test_acc:.2f}%"
+            + (f"  val loss {val[0]:.4f} acc {100 * val[1]:.2f}%" if val is not None else "")
+            + f"  lr {row['lr']:.3g}  {at.elapsed:.1f}s"
+            + (f"  skipped {totals.skipped}" if totals.skipped else "")
+            + ("  (best)" if at.best is not None and at.best["epoch"] == at.epoch else ""))
 
     def _clock(self, totals: EpochTotals, started: float) -> None:
         now = time.perf_counter() - started
@@ -187,7 +236,10 @@ class Trainer:
         """One optimizer step; a non-finite loss stops the run or (``on_nan="skip"``) is undone."""
         p, at = self.parts, self.progress
         saved = snapshot(p) if self.config.on_nan == "skip" else None
-        outcome = train_step(p, p.x_train[index], p.y_train[index],
+        x = p.x_train[index]
+        if p.augment is not None:
+            x = crop_flip(x, p.augment)
+        outcome = train_step(p, p.data.normalize(x), p.y_train[index],
                              precision=self.config.precision)
         at.grad_evals += outcome.passes
         if outcome.problem is None:
@@ -211,7 +263,8 @@ class Trainer:
     def _write_outputs(self) -> None:
         if not distributed.is_main_process():
             return
-        rundir.write_metrics(self.out_dir, self.progress.metrics, METRICS_COLUMNS)
+        columns = METRICS_COLUMNS + (VAL_COLUMNS if self.parts.x_val is not None else ())
+        rundir.write_metrics(self.out_dir, self.progress.metrics, columns)
         save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.parts.module, self._metadata())
 
     def _metadata(self) -> dict:
@@ -225,8 +278,10 @@ class Trainer:
             "optimizer": {"name": c.optimizer, "kwargs": c.record()},
             "epoch": at.epoch, "step": at.step, "grad_evals": at.grad_evals,
             "metrics": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss",
-                                                 "test_acc")},
+                                                 "test_acc")
+                        + (VAL_COLUMNS if "val_loss" in last else ())},
             "seed": c.seed, "run_name": self.out_dir.name,
+            **({"init_from": at.init_from} if at.init_from is not None else {}),
         }
 
     def _last_good(self) -> str:
@@ -236,3 +291,9 @@ class Trainer:
         model = (f"; {self.out_dir / CHECKPOINT_NAME} holds epoch {epoch}"
                  if (self.out_dir / CHECKPOINT_NAME).exists() else "")
         return f"Last good state kept: {self.state_path} (epoch {epoch}, step {step}){model}."
+
+
+def _better(val: tuple[float, float], best: dict | None) -> bool:
+    """Higher validation accuracy, or the same with lower validation loss."""
+    loss, acc = val
+    return best is None or (acc, -loss) > (best["val_acc"], -best["val_loss"])
