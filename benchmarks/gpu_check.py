@@ -68,7 +68,7 @@ def train_checkpoint(device: torch.device, out: Path, epochs: int, precision: st
 
 
 def analyse(checkpoint: Path, device: torch.device, args) -> dict:
-    from flatlab.analyze import AnalyzeOptions, analyze
+    from flatlab.analysis import AnalyzeOptions, analyze
 
     options = AnalyzeOptions(trace=True, eigenvalues=args.eigenvalues, density=True,
                              landscape=("1d",), samples=args.samples,
@@ -178,7 +178,7 @@ def hessian_timings(checkpoint: Path, device: torch.device, args) -> list[dict]:
     """One full-data gradient (plain autograd), one Hessian-vector product and a block of 8
     (per vector), with flatlab's default operator (cached gradient graphs where they fit) and
     without the cache (streamed)."""
-    from flatlab.analyze import SubsetBatches, sample_indices
+    from flatlab.analysis import SubsetBatches, sample_indices
     from flatlab.checkpoint import load_dataset_for, load_model
     from flatlab.hessian import HessianOperator
 
@@ -264,7 +264,7 @@ def check(args) -> int:
     on_device = timed(f"analyze ({device.type})", lambda: analyse(checkpoint, device, args))
     on_cpu = (on_device if device == cpu
               else timed("analyze (cpu)", lambda: analyse(checkpoint, cpu, args)))
-    from flatlab.analyze import write_outputs
+    from flatlab.analysis import write_outputs
 
     timed("report", lambda: write_outputs(on_device, args.out / "analysis", report=True))
     checks = compare(on_device["checkpoints"][0], on_cpu["checkpoints"][0], args.rtol)

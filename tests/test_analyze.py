@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -183,7 +184,7 @@ def test_same_seed_same_numbers(runs):
     second = A.analyze([sgd], options)
     assert first == second
     other = A.analyze([sgd], A.AnalyzeOptions(**{**options.__dict__, "seed": 1}))
-    assert other["checkpoints"][0]["loss"] != first["checkpoints"][0]["loss"]
+    assert other.checkpoints[0].loss != first.checkpoints[0].loss
 
 
 def test_hessian_stages_share_one_operator_and_threads_are_restored(runs, tmp_path,
@@ -208,8 +209,8 @@ def test_hessian_stages_share_one_operator_and_threads_are_restored(runs, tmp_pa
         alone = A.analyze([sgd, nso], A.AnalyzeOptions(**{
             **options.__dict__, "trace": stage == "trace",
             "eigenvalues": 2 if stage == "eigenvalues" else 0, "density": stage == "density"}))
-        for a, b in zip(shared["checkpoints"], alone["checkpoints"], strict=True):
-            assert a[stage] == b[stage]
+        for a, b in zip(shared.checkpoints, alone.checkpoints, strict=True):
+            assert getattr(a, stage) == getattr(b, stage)
 
     torch.set_num_threads(2)
     try:
@@ -249,13 +250,17 @@ def _bad_inputs(tmp_path, runs):
         "baseline unknown": [sgd, nso, "--baseline", "adam"],
         "second missing": [sgd, tmp_path / "gone"],
         "no checkpoint": [],
+        "abbreviated flag": [sgd, "--eigen", "5"],
+        "best missing": [sgd, "--checkpoint", "best"],
+        "unknown checkpoint choice": [sgd, "--checkpoint", "last"],
     }
 
 
 BAD_CASES = ("missing file", "corrupt checkpoint", "truncated checkpoint", "unknown flag",
              "samples 0", "samples word", "negative eigenvalues", "given twice", "even grid",
              "hutch++ budget", "bad mode", "interpolate unknown", "baseline unknown",
-             "second missing", "no checkpoint")
+             "second missing", "no checkpoint", "abbreviated flag", "best missing",
+             "unknown checkpoint choice")
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -401,12 +406,14 @@ def _analyze_counting_points(paths, options):
 
 def _split_trace(analysis):
     """The analysis without its trace numbers, and those numbers as one flat list."""
-    numbers = []
-    for ck in analysis["checkpoints"]:
-        numbers += [ck.pop("trace"), ck.pop("trace_stderr")]
-        for layer in ck.pop("trace_per_layer").values():
-            numbers += [layer["estimate"], layer["stderr"]]
-    return analysis, numbers
+    numbers, checkpoints = [], []
+    for ck in analysis.checkpoints:
+        numbers += [ck.trace, ck.trace_stderr]
+        for layer in ck.trace_per_layer.values():
+            numbers += [layer.estimate, layer.stderr]
+        checkpoints.append(dataclasses.replace(ck, trace=None, trace_stderr=None,
+                                               trace_per_layer=None))
+    return dataclasses.replace(analysis, checkpoints=checkpoints), numbers
 
 
 def test_two_processes_give_the_single_process_analysis(runs):
@@ -461,3 +468,107 @@ def test_random_flags_never_traceback():
         options.validate()  # whatever parses is a valid set of options
 
     parse()
+
+
+# --------------------------------------------------------------------------- schema, CLI extras
+
+LEGACY = Path(__file__).parent / "data" / "analysis-0.1.0.json"  # a flatlab 0.1.0 file, trimmed
+
+
+def test_a_0_1_0_analysis_json_loads_and_round_trips():
+    from flatlab.analysis import SCHEMA_VERSION, read_analysis
+
+    raw = json.loads(LEGACY.read_text())
+    assert "schema_version" not in raw
+    analysis = read_analysis(LEGACY)
+    assert analysis.schema_version == SCHEMA_VERSION == 2
+    sgd = analysis.checkpoint("sgd")
+    assert sgd.trace == raw["checkpoints"][0]["trace"] and sgd.method == "sgd"
+    assert sgd.eigenvalues == tuple(raw["checkpoints"][0]["eigenvalues"])
+    assert sgd.landscape_2d.loss[1][2] == raw["checkpoints"][0]["landscape_2d"]["loss"][1][2]
+    assert sgd.metric("test_acc") == raw["checkpoints"][0]["metrics"]["test_acc"]
+    assert analysis.interpolation.start == "sgd" and analysis.interpolation.end == "nso"
+    # written back: the same file with the version field first, byte for byte
+    assert A.dumps_json(analysis) + "\n" == A.dumps_json(
+        {"schema_version": SCHEMA_VERSION, **raw}) + "\n"
+    # the 0.1.0 dict-style access still answers with the JSON values
+    assert analysis["checkpoints"][1]["trace_per_layer"] == raw["checkpoints"][1][
+        "trace_per_layer"]
+    assert analysis.get("samples") == 1000 and "mode" in analysis
+
+
+def test_newer_or_foreign_analysis_files_are_refused(tmp_path):
+    from flatlab.analysis import read_analysis
+    from flatlab.errors import FlatlabError
+
+    raw = json.loads(LEGACY.read_text())
+    cases = {"newer.json": json.dumps({**raw, "schema_version": 99}),
+             "list.json": "[1, 2]", "bad.json": "{not json",
+             "entry.json": json.dumps({"checkpoints": [{"trace": 1.0}]})}  # no name
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(FlatlabError, match="newer|not a flatlab analysis|JSON"):
+            read_analysis(tmp_path / name)
+    with pytest.raises(FlatlabError, match="does not exist|cannot read"):
+        read_analysis(tmp_path / "missing.json")
+
+
+def test_results_are_frozen_and_non_finite_values_are_none():
+    from flatlab.analysis import Analysis, CheckpointResult
+
+    ck = CheckpointResult.from_json({"name": "a", "trace": float("nan"),
+                                     "eigenvalues": [3.0, float("inf")],
+                                     "metrics": {"test_acc": 0.5}})
+    assert ck.trace is None and ck.eigenvalues == (3.0, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ck.trace = 1.0
+    text = A.dumps_json(Analysis(checkpoints=[ck]))
+    assert json.loads(text)["checkpoints"][0]["eigenvalues"] == [3.0, None]
+    assert "trace_paper" not in text  # schema-2 extras only when computed
+
+
+def test_version_flag_and_abbreviations(capsys):
+    import flatlab
+
+    with pytest.raises(SystemExit) as exit_info:
+        A.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flatlab {flatlab.__version__}"
+    code, _, err = _cli(["ckpt", "--eigen", "5"], capsys)
+    assert code == 2 and "--eigen" in err and len(err.strip().splitlines()) == 1
+
+
+def test_stages_are_a_registry_of_functions():
+    from flatlab.analysis.runner import STAGES, planned_stages
+
+    assert all(callable(stage) for stage in STAGES.values())
+    every = A.AnalyzeOptions(landscape=("2d", "1d"))
+    assert planned_stages(every) == ["loss", "trace", "eigenvalues", "density", "landscape 1d",
+                                     "landscape 2d"]
+    none = A.AnalyzeOptions(trace=False, eigenvalues=0, density=False, landscape=())
+    assert planned_stages(none) == ["loss"]
+
+
+def test_best_checkpoint_of_a_run_directory(runs, tmp_path, capsys):
+    sgd, _ = runs
+    best = make_checkpoint(sgd / "best.safetensors", seed=5)
+    argv = [sgd, "--checkpoint", "best", "--landscape", "1d", "--samples", "30",
+            "--grid-points", "3", "--no-progress"]
+    code, stdout, err = _cli(argv, capsys)
+    assert code == 0, err
+    analysis = json.loads((sgd / "analysis-best" / "analysis.json").read_text())
+    (ck,) = analysis["checkpoints"]
+    assert ck["name"] == "sgd/best" and ck["path"] == str(best) and ck["seed"] == 5
+    model, _ = load_model(best)
+    data = load_dataset("synthetic", **DATA_SPEC)
+    idx = A.sample_indices(len(data.y_train), 30, 0)
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx]))
+    assert ck["loss"] == pytest.approx(loss, rel=1e-6)
+    assert not (sgd / "analysis").exists()  # the final checkpoint's analysis is not touched
+    # a file path works too, whatever --checkpoint says
+    code, _, err = _cli([best, "--landscape", "1d", "--samples", "30", "--grid-points", "3",
+                         "--out", tmp_path / "file", "--no-progress"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "file" / "analysis.json").read_text())["checkpoints"][0][
+        "loss"] == ck["loss"]

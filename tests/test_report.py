@@ -12,10 +12,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from flatlab.analysis.results import CheckpointResult
 from flatlab.errors import FlatlabError
 from flatlab.report import (
+    COMPARISON_CSV,
     METHOD_COLORS,
-    SUMMARY_CSV,
     checkpoint_colors,
     markdown_table,
     relative_change,
@@ -153,7 +154,7 @@ def expected_rel(x: float, base: float) -> str:
 
 def test_csv_holds_exactly_the_analysis_numbers(full_report):
     analysis, tmp_path = full_report
-    table = pd.read_csv(tmp_path / SUMMARY_CSV).set_index("name")
+    table = pd.read_csv(tmp_path / COMPARISON_CSV).set_index("name")
     assert list(table.index) == ["sam", "sgd", "nso"]
     for ck in analysis["checkpoints"]:
         row = table.loc[ck["name"]]
@@ -171,7 +172,7 @@ def test_csv_holds_exactly_the_analysis_numbers(full_report):
 
 def test_default_baseline_is_the_sgd_run_not_the_first(full_report):
     _, tmp_path = full_report
-    table = pd.read_csv(tmp_path / SUMMARY_CSV).set_index("name")
+    table = pd.read_csv(tmp_path / COMPARISON_CSV).set_index("name")
     assert table["baseline"].to_dict() == {"sam": False, "sgd": True, "nso": False}
     base = CHECKPOINTS["sgd"]
     for name, (_, _, acc, _, _, tr, _, eig) in CHECKPOINTS.items():
@@ -201,7 +202,7 @@ def test_named_baseline(tmp_path):
 
 def test_without_sgd_the_first_checkpoint_is_the_baseline(tmp_path):
     write_report(make_analysis(("nso", "sam")), tmp_path)
-    assert pd.read_csv(tmp_path / SUMMARY_CSV)["baseline"].tolist() == [True, False]
+    assert pd.read_csv(tmp_path / COMPARISON_CSV)["baseline"].tolist() == [True, False]
 
 
 def test_displayed_numbers_and_markdown_table_match_html(full_report):
@@ -321,7 +322,7 @@ def test_input_is_not_modified_and_empty_analysis_is_an_error(tmp_path):
 
 
 def test_colours_follow_the_method_and_stay_distinct():
-    checkpoints = [{"name": n, "optimizer": {"name": m}}
+    checkpoints = [CheckpointResult(name=n, optimizer={"name": m})
                    for n, m in [("a", "nso"), ("b", "sgd"), ("c", "nso"), ("d", "adamw")]]
     colors = checkpoint_colors(checkpoints)
     assert colors["a"] == METHOD_COLORS["nso"] and colors["b"] == METHOD_COLORS["sgd"]
@@ -352,7 +353,7 @@ def test_demo_quick_end_to_end_reuses_runs_and_refuses_other_configs(tmp_path, m
     assert [ck["name"] for ck in analysis["checkpoints"]] == ["sgd", "sam", "nso"]
     assert [ck["run_dir"] for ck in analysis["checkpoints"]] == [
         "demo/runs/sgd", "demo/runs/sam", "demo/runs/nso"]
-    table = pd.read_csv(out / SUMMARY_CSV).set_index("name")
+    table = pd.read_csv(out / COMPARISON_CSV).set_index("name")
     for ck in analysis["checkpoints"]:
         assert table.loc[ck["name"], "trace"] == ck["trace"]
         assert table.loc[ck["name"], "test_acc"] == ck["metrics"]["test_acc"]
@@ -378,3 +379,57 @@ def test_demo_quick_end_to_end_reuses_runs_and_refuses_other_configs(tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("flatlab.demo: error:") and "epochs: 1 there, 2 here" in err
     assert {p: p.stat().st_mtime_ns for p in models} == models
+
+
+# --------------------------------------------------------------------------- page model
+
+def test_page_renders_one_block_list_to_markdown_and_html(tmp_path):
+    from flatlab.reporting.page import (
+        BulletList,
+        Code,
+        Figure,
+        Heading,
+        Page,
+        Paragraph,
+        Table,
+    )
+
+    frame = pd.DataFrame({"method": ["nso", "a|b"], "trace": ["1.5", None]})
+    page = Page("T <1>", script="var x = 1;").add(
+        Heading("Results"), Paragraph('See `x < y` and [the CSV](data.csv) "quoted"'),
+        Table(frame, css_class="summary"), Figure("figures/a.png", "A", "caption `c`"),
+        Code("k = 1\n", "toml"), BulletList(["one: `1`", "two"]), Heading("Deeper", 3))
+    assert page.to_markdown() == (
+        "# T <1>\n\n## Results\n\nSee `x < y` and [the CSV](data.csv) \"quoted\"\n\n"
+        "| method | trace |\n|---|---|\n| nso | 1.5 |\n| a\\|b | n/a |\n\n"
+        "![A](figures/a.png)\n\ncaption `c`\n\n```toml\nk = 1\n```\n\n- one: `1`\n- two\n\n"
+        "### Deeper\n")
+    html_text = page.to_html()
+    assert html_text.startswith("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n")
+    assert "<title>T &lt;1&gt;</title>" in html_text and "<h1>T &lt;1&gt;</h1>" in html_text
+    assert ("<p>See <code>x &lt; y</code> and <a href=\"data.csv\">the CSV</a> "
+            "&quot;quoted&quot;</p>\n") in html_text
+    assert ('<figure><img src="figures/a.png" alt="A"><figcaption>caption <code>c</code>'
+            "</figcaption></figure>\n") in html_text
+    assert "<pre>k = 1\n</pre>\n" in html_text and "<h3>Deeper</h3>\n" in html_text
+    assert "<ul>\n<li>one: <code>1</code></li>\n<li>two</li>\n</ul>\n" in html_text
+    assert html_text.endswith("<script>var x = 1;</script>\n</body>\n</html>\n")
+    parsed = PageParser()
+    parsed.feed(html_text)
+    assert parsed.tables["summary"] == [["method", "trace"], ["nso", "1.5"], ["a|b", "n/a"]]
+    assert page.write(tmp_path) == tmp_path / "index.html"
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == page.to_markdown()
+    assert (tmp_path / "index.html").read_text(encoding="utf-8") == html_text
+
+
+def test_page_blocks_are_checked_and_links_stay_out_of_code():
+    from flatlab.reporting.page import Heading, Page, Table, inline_html
+
+    with pytest.raises(TypeError, match="not a page block"):
+        Page("t").add("a string")
+    with pytest.raises(ValueError, match="level"):
+        Heading("title", 1)
+    assert inline_html("`[a](b)` [c](d)") == '<code>[a](b)</code> <a href="d">c</a>'
+    rows = Table([{"a": 1, "b": "x"}, {"a": 2, "b": "y"}])  # rows work like a DataFrame
+    assert Page("t").add(rows).to_markdown() == (
+        "# t\n\n| a | b |\n|---|---|\n| 1 | x |\n| 2 | y |\n")

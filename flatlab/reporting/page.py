@@ -16,7 +16,7 @@ Blocks (frozen dataclasses):
 - ``Paragraph(text)``: inline ```code``` spans and ``[text](link)`` links are rendered in both
   formats; everything else is plain text (HTML-escaped);
 - ``Table(frame, css_class="", na_rep="n/a")``: a ``pandas.DataFrame`` (or a list of row dicts)
-  of display values, no index; cells are shown with ``str``;
+  of display values, no index; cells are shown with ``str``, missing ones as ``na_rep``;
 - ``Figure(src, alt, caption=None)``: an image by relative path, with an optional caption
   (inline markup as in a paragraph);
 - ``Code(text, language="")``: a preformatted block (a command, a config file);
@@ -149,14 +149,30 @@ class Page:
 
 
 def inline_html(text: str) -> str:
-    """Escape ``text`` for HTML, then render ```code``` spans and ``[text](link)`` links."""
-    text = _CODE_SPAN.sub(r"<code>\1</code>", html.escape(text))
-    return _LINK.sub(r'<a href="\2">\1</a>', text)
+    """``text`` as HTML: ```code``` spans and ``[text](link)`` links rendered (no links inside
+    code spans), everything else escaped."""
+    e = html.escape
+    parts = _CODE_SPAN.split(text)  # odd positions: the insides of code spans
+    out = []
+    for i, part in enumerate(parts):
+        if i % 2:
+            out.append(f"<code>{e(part)}</code>")
+            continue
+        last = 0
+        for link in _LINK.finditer(part):
+            out.append(e(part[last:link.start()]))
+            out.append(f'<a href="{e(link[2])}">{e(link[1])}</a>')
+            last = link.end()
+        out.append(e(part[last:]))
+    return "".join(out)
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    """A GitHub-flavoured Markdown table of ``frame``'s cells shown with ``str`` (no index)."""
+def markdown_table(frame: pd.DataFrame, na_rep: str = "n/a") -> str:
+    """A GitHub-flavoured Markdown table of ``frame``'s cells shown with ``str`` (no index);
+    missing values (``None``, NaN) show as ``na_rep``, as in the HTML."""
     def cell(value) -> str:
+        if pd.api.types.is_scalar(value) and pd.isna(value):
+            return na_rep
         return str(value).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
@@ -172,8 +188,8 @@ def _markdown(block: Block) -> str:
             return f"{'#' * level} {text}"
         case Paragraph(text):
             return text
-        case Table():
-            return markdown_table(block.data)
+        case Table(na_rep=na_rep):
+            return markdown_table(block.data, na_rep)
         case Figure(src, alt, caption):
             return f"![{alt}]({src})" + (f"\n\n{caption}" if caption else "")
         case Code(text, language):
