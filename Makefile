@@ -10,7 +10,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt | $(BIN)/python
-	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev,compare]'
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[dev,compare,models]'
 	touch $@
 
 setup: $(VENV)/.installed

@@ -29,7 +29,7 @@ from flatlab.factory import call_arguments, import_factory, is_factory_name
 MODELS: tuple[str, ...] = ("mlp", "cnn1d", "cnn", "resnet")
 
 
-def build_model(name: str, input_shape: Sequence[int], num_classes: int, *,
+def build_model(name: str, input_shape: Sequence[int], num_classes: int, /, *,
                 trust_code: bool = False, **kwargs: Any) -> nn.Module:
     """Build registry model ``name`` (or ``"package.module:factory"``) for the given data shape.
 

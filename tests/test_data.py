@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from flatlab.data import builtin as data_module
 from flatlab.data import DATASETS, dataset_from_spec, load_dataset
+from flatlab.data import builtin as data_module
 from flatlab.errors import FlatlabError
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import subprocess
 import sys
 import textwrap
 
@@ -138,3 +140,93 @@ def test_bad_user_factory(user_module, spec, message):
 def test_user_factory_unknown_kwarg(user_module):
     with pytest.raises(FlatlabError, match="unknown argument.*colour.*accepted: bias"):
         build_model("my_models:linear", (4,), 2, trust_code=True, colour="red")
+
+
+# --------------------------------------------------------------------------- factory convention
+
+@pytest.fixture
+def conventions(tmp_path, monkeypatch):
+    marker = tmp_path / "imported"
+    (tmp_path / "conventions.py").write_text(textwrap.dedent(f"""
+        from torch import nn
+        open({str(marker)!r}, "w").write("x")
+        SEEN = []
+
+        def named(input_shape, num_classes):
+            SEEN.append(("named", input_shape, num_classes))
+            return nn.Linear(input_shape[-1], num_classes)
+
+        def catch_all(num_classes, **kwargs):  # like timm.create_model: no input_shape for it
+            SEEN.append(("catch_all", num_classes, kwargs))
+            return nn.Linear(3, num_classes)
+
+        def no_classes(width=2):
+            return nn.Linear(3, width)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield marker
+    sys.modules.pop("conventions", None)
+
+
+def test_input_shape_only_when_the_signature_names_it(conventions):
+    build_model("conventions:named", (2, 3), 4, trust_code=True)
+    build_model("conventions:catch_all", (2, 3), 5, trust_code=True, depth=7)
+    seen = sys.modules["conventions"].SEEN
+    assert seen == [("named", (2, 3), 4), ("catch_all", 5, {"depth": 7})]
+    with pytest.raises(FlatlabError, match="'conventions:no_classes' does not accept "
+                                           "num_classes="):
+        build_model("conventions:no_classes", (3,), 2, trust_code=True)
+    with pytest.raises(FlatlabError, match="input_shape is set by flatlab from the data"):
+        build_model("conventions:named", (3,), 2, trust_code=True, input_shape=[3])
+
+
+def test_factory_import_needs_consent(conventions):
+    with pytest.raises(FlatlabError, match="model 'conventions:named' would import module "
+                                           "'conventions' and run its code; not imported"):
+        build_model("conventions:named", (3,), 2)
+    assert not conventions.exists() and "conventions" not in sys.modules
+    build_model("conventions:named", (3,), 2, trust_code=True)
+    assert conventions.exists()
+
+
+def _real(package):
+    from flatlab._compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()  # CPU torch beside a CUDA torchvision wheel
+    return pytest.importorskip(package)
+
+
+def test_torchvision_resnet18_random_init():
+    torchvision = _real("torchvision")
+    torch.manual_seed(0)
+    model = build_model("torchvision.models:resnet18", (3, 32, 32), 10, trust_code=True)
+    assert isinstance(model, torchvision.models.ResNet) and model.fc.out_features == 10
+    assert sum(p.numel() for p in model.parameters()) == 11_181_642
+    out = model.eval()(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+
+
+def test_timm_create_model_random_init():
+    timm = _real("timm")
+    torch.manual_seed(0)
+    model = build_model("timm:create_model", (3, 32, 32), 10, trust_code=True,
+                        model_name="resnet18")
+    assert model.default_cfg["architecture"] == "resnet18" and model.num_classes == 10
+    assert sum(p.numel() for p in model.parameters()) == 11_181_642
+    assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+    with pytest.raises(FlatlabError, match="model 'timm:create_model'.*Unknown model"):
+        build_model("timm:create_model", (3, 32, 32), 10, trust_code=True,
+                    model_name="resnet_nonexistent")
+    assert timm.__version__ >= "1.0"
+
+
+def test_torchvision_import_workaround_in_a_fresh_process():
+    """Without the workaround `import torchvision` dies on this CPU-torch machine."""
+    if importlib.util.find_spec("torchvision") is None:
+        pytest.skip("torchvision is not installed")
+    code = ("from flatlab._compat import ensure_torchvision_importable as e; e(); e(); "
+            "import torchvision, timm; print(torchvision.models.resnet18(num_classes=3).fc)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Linear(in_features=512, out_features=3, bias=True)"

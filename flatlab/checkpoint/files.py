@@ -123,7 +123,13 @@ def _read(path: Path, trust_pickle: bool) -> tuple[dict[str, Tensor], dict, str]
 
 def resolve_checkpoint(path_or_run_dir: str | os.PathLike) -> Path:
     """A checkpoint file, or a run directory -> its ``model.safetensors``."""
-    path = Path(path_or_run_dir).expanduser()
+    try:
+        path = Path(path_or_run_dir).expanduser()
+        path.stat()
+    except (RuntimeError, ValueError) as err:  # "~nobody/x", NUL bytes
+        raise FlatlabError(f"checkpoint {str(path_or_run_dir)[:200]!r}: bad path ({err})") from None
+    except OSError:
+        pass  # reported below as missing
     if path.is_dir():
         candidate = path / CHECKPOINT_NAME
         if not candidate.is_file():

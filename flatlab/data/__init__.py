@@ -41,7 +41,7 @@ _FOLDER_SPEC_KEYS = ("data_dir", "fingerprint", "files")
 _MAX_SEED = 2**32 - 1  # scikit-learn's random_state limit; torch takes larger
 
 
-def load_dataset(name: str, *, seed: int = 0, data_dir: str | os.PathLike | None = None,
+def load_dataset(name: str, /, *, seed: int = 0, data_dir: str | os.PathLike | None = None,
                  trust_code: bool = False, **kwargs: Any) -> Dataset:
     """Load a registered data set, an image folder, or a user factory's data.
 
@@ -59,11 +59,11 @@ def load_dataset(name: str, *, seed: int = 0, data_dir: str | os.PathLike | None
         dataset = load_factory_dataset(name, seed=seed, data_dir=data_dir, trust_code=trust_code,
                                        kwargs=kwargs, spec=spec)
     elif name == "folder":
-        expected = kwargs.pop("_fingerprint", None)
+        expected = {"expected_fingerprint": kwargs.pop("_fingerprint", None),
+                    "expected_files": kwargs.pop("_files", None)}
         _check_kwargs("dataset 'folder'", load_folder, kwargs,
-                      skip=("seed", "data_dir", "expected_fingerprint", "threads"))
-        dataset = load_folder(seed=seed, data_dir=data_dir, expected_fingerprint=expected,
-                              **kwargs)
+                      skip=("seed", "data_dir", *expected, "threads"))
+        dataset = load_folder(seed=seed, data_dir=data_dir, **expected, **kwargs)
     elif name in LOADERS:
         dataset = _load_builtin(name, seed, data_dir, kwargs, spec)
     else:
@@ -110,7 +110,7 @@ def dataset_from_spec(spec: dict, *, data_dir: str | os.PathLike | None = None,
         if not all(isinstance(v, str) for v in recorded.values()):
             raise FlatlabError("folder dataset spec needs 'data_dir' and 'fingerprint' strings")
         data_dir = data_dir if data_dir is not None else recorded["data_dir"]
-        kwargs = {**kwargs, "_fingerprint": recorded["fingerprint"]}
+        kwargs = {**kwargs, "_fingerprint": recorded["fingerprint"], "_files": spec.get("files")}
     return load_dataset(name, seed=spec.get("seed", 0), data_dir=data_dir,
                         trust_code=trust_code, **kwargs)
 

@@ -225,7 +225,10 @@ def _find_cifar_dir(data_dir: Any, name: str, subdir: str, files: list[str]) -> 
     if data_dir is None:
         raise FlatlabError(f"{name} is read from local files: pass --data-dir with "
                            f"{', '.join(files)} (the python version, e.g. {subdir}/)")
-    root = Path(data_dir).expanduser()
+    try:
+        root = Path(data_dir).expanduser()
+    except RuntimeError as err:  # "~nobody/x"
+        raise FlatlabError(f"data dir {str(data_dir)!r}: {err}") from None
     if not root.is_dir():
         raise FlatlabError(f"data dir {str(root)!r} for {name} does not exist")
     for candidate in (root, root / subdir):

@@ -63,7 +63,10 @@ def list_folder(data_dir: str | os.PathLike | None) -> FolderListing:
     if data_dir is None:
         raise FlatlabError("dataset 'folder' reads DIR/train/CLASS/*.png|jpg and DIR/test/...: "
                            "pass --data-dir DIR")
-    root = Path(data_dir).expanduser().resolve()
+    try:
+        root = Path(data_dir).expanduser().resolve()
+    except (OSError, RuntimeError, TypeError, ValueError) as err:  # "~nobody/x", NUL bytes
+        raise FlatlabError(f"image folder {str(data_dir)[:200]!r}: bad path ({err})") from None
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise FlatlabError(f"image folder {str(root)!r} needs train/ and test/ sub-directories "
                            f"with one directory per class")
@@ -90,17 +93,20 @@ def list_folder(data_dir: str | os.PathLike | None) -> FolderListing:
 
 def load_folder(*, seed: int, data_dir: str | os.PathLike | None, image_size: Any = None,
                 grayscale: bool = False, expected_fingerprint: str | None = None,
-                threads: int | None = None) -> Dataset:
+                expected_files: Any = None, threads: int | None = None) -> Dataset:
     """Decode an image folder (see the module docstring) into a uint8 :class:`Dataset`.
 
-    ``expected_fingerprint`` (from a checkpoint's spec) makes a changed folder an error before
-    anything is decoded. ``threads`` defaults to the CPUs this process may use.
+    ``expected_fingerprint`` (from a checkpoint's spec, with ``expected_files``, its file counts)
+    makes a changed folder an error before anything is decoded. ``threads`` defaults to the
+    CPUs this process may use.
     """
     listing = list_folder(data_dir)
     if expected_fingerprint is not None and expected_fingerprint != listing.fingerprint:
+        then = (f"{_counts(expected_files)} files then, " if isinstance(expected_files, dict)
+                and all(isinstance(expected_files.get(s), int) for s in SPLITS) else "")
         raise FlatlabError(
-            f"image folder {str(listing.root)!r} changed since the checkpoint was written (its "
-            f"file list, {_counts(listing.counts())} now, has a different fingerprint); "
+            f"image folder {str(listing.root)!r} changed since the checkpoint was written "
+            f"({then}{_counts(listing.counts())} files now; the list of paths and sizes differs); "
             f"restore the original images or pass --data-dir to where they are")
     size = _size(image_size, listing)
     mode = "L" if grayscale else "RGB"
@@ -170,6 +176,7 @@ def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int], mode: str,
                 pool: ThreadPoolExecutor) -> Tensor:
     channels = 1 if mode == "L" else 3
     out = torch.empty((len(files), channels, *size), dtype=torch.uint8)
+    target = out.numpy()  # shares memory: each thread writes its example in place
 
     def decode(i: int) -> None:
         path = files[i][0]
@@ -184,7 +191,7 @@ def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int], mode: str,
         if pixels.shape[:2] != size:
             raise FlatlabError(f"{path} is {pixels.shape[1]}x{pixels.shape[0]}, the first training "
                                f"image {size[1]}x{size[0]}; pass image_size=N to resize all")
-        out[i] = torch.from_numpy(pixels.reshape(*size, channels)).permute(2, 0, 1)
+        target[i] = pixels.reshape(*size, channels).transpose(2, 0, 1)
 
     futures = [pool.submit(decode, i) for i in range(len(files))]
     try:
