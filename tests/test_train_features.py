@@ -276,3 +276,40 @@ def test_code_named_in_a_saved_state_needs_consent(tmp_path, monkeypatch, capsys
     assert code == 2 and "model 'my_models:linear' would import module 'my_models'" in out.err
     assert "--trust-code" in out.err and "epoch   2/2" not in out.out
     assert cli([*resume, "--trust-code"], capsys)[0] == 0
+
+
+# --------------------------------------------------------------------------- an image folder
+
+def _image_folder(root: Path, per_class: dict[str, int]) -> None:
+    from PIL import Image
+
+    gen = torch.Generator().manual_seed(0)
+    for split, count in per_class.items():
+        for label, name in enumerate(("cat", "dog", "owl")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.randint(0, 64, (8, 8, 3), generator=gen, dtype=torch.uint8)
+                pixels[:, :, label] += 150  # the class is the brightest channel
+                Image.fromarray(pixels.numpy()).save(folder / f"{i}.png")
+
+
+def test_image_folder_with_val_split_augmentation_and_keep_best(tmp_path, capsys):
+    _image_folder(tmp_path / "imgs", {"train": 12, "val": 4, "test": 4})
+    args = ["--dataset", "folder", "--data-dir", str(tmp_path / "imgs"), "--model", "mlp",
+            "--model-arg", "hidden=[8]", "--epochs", "3", "--batch-size", "12", "--schedule",
+            "none", "--augment", "crop-flip", "--keep", "best", "--out", str(tmp_path / "r")]
+    code, out = cli(args, capsys)
+    assert code == 0, out.err
+    with open(tmp_path / "r" / "metrics.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and {"val_loss", "val_acc"} <= set(rows[0])
+    # stored as uint8, normalised per batch: evaluating the best checkpoint on the val split
+    # through Dataset.normalize gives the recorded numbers
+    model, meta = load_model(tmp_path / "r" / "best.safetensors")
+    data = load_dataset("folder", data_dir=tmp_path / "imgs")
+    assert data.x_val.dtype == torch.uint8
+    best = next(r for r in rows if int(r["epoch"]) == meta["epoch"])
+    loss, acc = evaluate(model, data.x_val, data.y_val, transform=data.normalize)
+    assert (loss, acc) == (pytest.approx(float(best["val_loss"]), rel=1e-6),
+                           pytest.approx(float(best["val_acc"]), abs=1e-12))

@@ -58,15 +58,17 @@ def _kind(f: Declared) -> dict[str, Any]:
     kind: dict[str, Any] = {"type": f.value_type}
     if f.rule.metavar:
         kind["metavar"] = f.rule.metavar
+    elif f.rule.choices and not f.rule.pattern:
+        kind["metavar"] = "{" + ",".join(f.rule.choices) + "}"
     return kind
 
 
 def _help(f: Declared) -> str:
-    if f.value_type is dict:
-        return f.rule.help
-    if f.default is None or f.default is False:
-        return f.rule.help
-    return f"{f.rule.help} (default {f.default})"
+    """The declared help, with the default where it says something (argparse-escaped)."""
+    text = f.rule.help
+    if f.value_type is not dict and f.default is not None and f.default is not False:
+        text += f" (default {f.default})"
+    return text.replace("%", "%%")
 
 
 @dataclass(frozen=True)
