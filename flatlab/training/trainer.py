@@ -10,9 +10,10 @@ Under ``torchrun --nproc_per_node N`` the model is wrapped in ``DistributedDataP
 batches of ``batch_size / N``, so step s of an N-process run sees the same examples as step s of
 a 1-process run, and the gradient averaged over ranks is the one-process gradient (to rounding).
 Perturbation optimizers run their passes in ``no_sync()`` and all-reduce once per step. Only the
-main process (rank 0) writes files or prints. ``precision="bf16"`` runs the forward passes
-under ``torch.autocast(bfloat16)``; weights, optimizer state, NSO's noise and the saved weight
-copies stay float32.
+main process (rank 0) writes files or prints. ``precision="bf16"`` (``"fp16"``) runs the
+forward passes under ``torch.autocast(bfloat16)`` (``float16``, with a ``GradScaler`` whose
+state is resumed); weights, optimizer state, NSO's noise and the saved weight copies stay
+float32.
 
 Training batches go through ``--augment`` (crop-flip, from its own generator) and then the data
 set's ``normalize``; evaluation batches only through ``normalize``. With a validation split the
