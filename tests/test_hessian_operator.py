@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import scipy.sparse.linalg
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from flatlab.errors import FlatlabError
-from flatlab.hessian import HessianOperator
+from flatlab.hessian import HessianOperator, top_eigenvalues
 
 BATCH_SIZES = (7, 3, 10)  # unequal on purpose: weights must be n_b / N
 CE = nn.CrossEntropyLoss()
@@ -340,3 +342,73 @@ def test_bad_inputs_raise_one_line_errors():
         op.matvec(torch.zeros(74))
     with pytest.raises(FlatlabError, match="no samples"):
         HessianOperator(model, CE, []).matvec(torch.zeros(op.size))
+
+
+def test_to_scipy_gives_float64_products_and_blocks_in_one_pass():
+    model, x, y = make_case("cnn")
+    hessian = exact_hessian(model, x, y)
+    op = HessianOperator(model.float(), CE, split(x.float(), y))
+    calls = []
+    matvec = op.matvec
+    op.matvec = lambda v: calls.append(tuple(v.shape)) or matvec(v)
+    linear = op.to_scipy()
+    assert linear.shape == (op.size, op.size) and linear.dtype == np.float64
+    gen = np.random.default_rng(0)
+    v, block = gen.standard_normal(op.size), gen.standard_normal((op.size, 4))
+    single, product = linear.matvec(v), linear.matmat(block)
+    assert single.dtype == product.dtype == np.float64
+    assert calls == [(op.size,), (op.size, 4)]  # the block is one product call
+    assert rel_err(torch.from_numpy(single), hessian @ torch.from_numpy(v)) < 1e-6
+    assert rel_err(torch.from_numpy(product), hessian @ torch.from_numpy(block)) < 1e-6
+    assert np.array_equal(linear.rmatvec(v), linear.matvec(v))  # symmetric
+
+
+def test_scipy_eigsh_agrees_with_top_eigenvalues_and_the_dense_hessian():
+    model, x, y = make_case("mlp", samples=40)
+    hessian = exact_hessian(model, x, y)
+    op = HessianOperator(model, CE, split(x, y, (15, 25)))
+    values = np.sort(scipy.sparse.linalg.eigsh(op.to_scipy(), k=3, which="LA")[0])[::-1]
+    exact = torch.linalg.eigvalsh(hessian).flip(0)[:3].numpy()
+    np.testing.assert_allclose(values, exact, rtol=1e-10)
+    ours = top_eigenvalues(op, k=3, tol=1e-10).eigenvalues.numpy()
+    np.testing.assert_allclose(ours, values, rtol=1e-10)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 3), nn.Linear(2, 3)
+
+    def forward(self, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.a(first)) * self.b(second)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_forward_with_tuple_and_dict_inputs_gives_the_exact_hessian(path):
+    torch.manual_seed(0)
+    model = TwoInputs().double()
+    first, second = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,))
+    params = dict(model.named_parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params.values()])
+
+    def loss(vector):
+        pieces = torch.split(vector, [p.numel() for p in params.values()])
+        named = {n: t.reshape(p.shape) for (n, p), t in zip(params.items(), pieces, strict=True)}
+        return CE(functional_call(model, named, (first, second)), y)
+
+    hessian = torch.func.hessian(loss)(flat)
+    gen = torch.Generator().manual_seed(1)
+    block = torch.randn(flat.numel(), 3, dtype=torch.float64, generator=gen)
+    tuples = [((f, s), t) for f, s, t in zip(first.split(list(BATCH_SIZES)),
+                                             second.split(list(BATCH_SIZES)),
+                                             y.split(list(BATCH_SIZES)), strict=True)]
+    op = HessianOperator(model, CE, tuples, forward=lambda m, x: m(*x), **PATHS[path])
+    assert rel_err(op.matvec(block), hessian @ block) < 1e-10
+    dicts = [({"first": f, "second": s}, t) for (f, s), t in tuples]
+    op = HessianOperator(model, CE, dicts, forward=lambda m, x: m(**x), chunk_size=2,
+                         **PATHS[path])
+    assert rel_err(op.matvec(block), hessian @ block) < 1e-10
+    assert rel_err(op.matvec(block[:, 0]), hessian @ block[:, 0]) < 1e-10
+    with pytest.raises(TypeError, match="forward must be a callable"):
+        HessianOperator(model, CE, dicts, forward="logits")

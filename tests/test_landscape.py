@@ -366,3 +366,27 @@ def test_distributed_needs_a_process_group():
     d = L.random_direction(model, generator=torch.Generator().manual_seed(1))
     with pytest.raises(ValueError, match="initialised"):
         L.slice_1d(model, nn.CrossEntropyLoss(), data, d, [0.0], distributed=True)
+
+
+# --------------------------------------------------------------------------- forward= and batches
+
+
+@pytest.mark.parametrize("vectorize", ["loop", "vmap"])
+def test_forward_with_dict_batches_and_extras_equals_plain_batches(vectorize):
+    model, data = _cnn_and_data(seed=3)
+    loss_fn = nn.CrossEntropyLoss()
+    d = L.random_direction(model, generator=torch.Generator().manual_seed(4))
+    dicts = [({"image": x, "unused": torch.zeros(len(y))}, y, "extra") for x, y in data]
+    forward = lambda m, x: m(x["image"])  # noqa: E731
+    for bn in ("stored", "recompute"):
+        plain = L.slice_1d(model, loss_fn, data, d, [0.0, 0.6], bn=bn, vectorize=vectorize)
+        mapped = L.slice_1d(model, loss_fn, dicts, d, [0.0, 0.6], bn=bn, vectorize=vectorize,
+                            forward=forward)
+        assert torch.equal(plain["loss"], mapped["loss"])
+        assert torch.equal(plain["accuracy"], mapped["accuracy"])
+    stats = L.recompute_bn_stats(model, dicts, direction=d, alpha=0.6, forward=forward)
+    reference = L.recompute_bn_stats(model, data, direction=d, alpha=0.6)
+    assert stats.keys() == reference.keys()
+    assert all(torch.equal(stats[n], reference[n]) for n in stats)
+    with pytest.raises(TypeError, match="forward must be a callable"):
+        L.slice_1d(model, loss_fn, dicts, d, [0.0], forward="image")
