@@ -100,3 +100,14 @@ def test_landscape_slice_with_forward_equals_the_moved_model():
                 correct += float((out.argmax(-1) == y).sum())
         assert float(loss) == pytest.approx(total / 7, rel=1e-12)
         assert float(accuracy) == correct / 7
+
+
+def test_the_padding_embedding_row_is_a_constant():
+    model, batches = bert_case()
+    x, y, _ = batches[0]
+    padded = {**x, "input_ids": x["input_ids"].clone()}
+    padded["input_ids"][:, -1] = model.config.pad_token_id  # 0: padding_idx of the embedding
+    op = HessianOperator(model, CE, (padded, y), forward=logits)
+    ones = torch.ones(op.size, dtype=torch.float64)
+    words = op.unflatten(op.matvec(ones))["bert.embeddings.word_embeddings.weight"]
+    assert torch.equal(words[0], torch.zeros_like(words[0])) and words[1:].abs().sum() > 0

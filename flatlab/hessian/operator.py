@@ -180,7 +180,8 @@ class HessianOperator:
 
     Attention runs on PyTorch's twice-differentiable MATH kernel while products are formed
     (the user's kernel choice is restored after). Parameters nothing depends on give zero rows
-    and columns. Sums over batches are
+    and columns, and so does the ``padding_idx`` row of an ``nn.Embedding`` (torch defines its
+    gradient as zero: it is a constant). Sums over batches are
     accumulated in float64; a product returns the dtype of the vector it was given.
 
     >>> import torch
