@@ -105,22 +105,28 @@ class Dataset:
 
 
 def channel_statistics(x: Tensor, *, chunk: int = 1024) -> tuple[Tensor, Tensor]:
-    """Mean and population std of ``x / 255`` per channel (dim 1 of ``(N, C, ...)``; one value
-    for ``(N, L)``), summed in float64 a chunk at a time (no float copy of ``x``).
+    """Mean and population std of ``x / 255`` per channel for uint8 ``x`` (dim 1 of ``(N, C,
+    ...)``; one value for ``(N, L)``), plus 1e-8 on the std as the CIFAR loader does.
 
-    Returned as float32, shaped to broadcast against a batch: ``(C, 1, ..., 1)`` or ``()``.
-    A constant channel gets std 1e-8 added, as the CIFAR loader does.
+    Exact: byte-value histograms (integer counts, a chunk of examples at a time, no float copy
+    of ``x``), then ``mean = sum_v n_v v / n`` and ``var = sum_v n_v (v - mean)^2 / n`` over
+    the 256 values in float64. Returned as float32 shaped to broadcast against a batch:
+    ``(C, 1, ..., 1)`` or ``()``.
     """
+    if x.dtype != torch.uint8:
+        raise TypeError(f"channel_statistics needs uint8 data, got {x.dtype}")
     per_channel = x.dim() >= 3
-    dims = [0, *range(2, x.dim())] if per_channel else list(range(x.dim()))
-    total = torch.zeros(x.shape[1] if per_channel else (), dtype=torch.float64)
-    squares = torch.zeros_like(total)
+    channels = x.shape[1] if per_channel else 1
+    counts = torch.zeros(channels, 256, dtype=torch.int64)
     for start in range(0, len(x), chunk):
-        block = x[start:start + chunk].to(torch.float64) / 255.0
-        total += block.sum(dim=dims)
-        squares += block.square().sum(dim=dims)
-    count = x.numel() / (x.shape[1] if per_channel else 1)
-    mean = total / max(count, 1)
-    std = (squares / max(count, 1) - mean.square()).clamp_min(0).sqrt() + 1e-8
+        block = x[start:start + chunk]
+        for c in range(channels):
+            values = block[:, c] if per_channel else block
+            counts[c] += torch.bincount(values.reshape(-1), minlength=256)
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    total = counts.sum(dim=1).clamp_min(1).to(torch.float64)
+    mean = (counts * levels).sum(dim=1) / total
+    var = (counts * (levels - mean[:, None]).square()).sum(dim=1) / total
+    std = var.sqrt() + 1e-8
     shape = (-1, *([1] * (x.dim() - 2))) if per_channel else ()
     return mean.to(torch.float32).reshape(shape), std.to(torch.float32).reshape(shape)

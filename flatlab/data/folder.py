@@ -51,7 +51,7 @@ class FolderListing:
 
     root: Path
     classes: tuple[str, ...]
-    files: dict[str, list[tuple[Path, int]]]  # split -> [(path, label)], absent split -> []
+    files: dict[str, list[tuple[str, int]]]  # split -> [(path, label)], absent split -> []
     fingerprint: str
 
     def counts(self) -> dict[str, int]:
@@ -74,7 +74,7 @@ def list_folder(data_dir: str | os.PathLike | None) -> FolderListing:
     if not classes:
         raise FlatlabError(f"image folder {str(root / 'train')!r} has no class directories")
     label = {name: i for i, name in enumerate(classes)}
-    files: dict[str, list[tuple[Path, int]]] = {}
+    files: dict[str, list[tuple[str, int]]] = {}
     digest = hashlib.sha256()
     for split in SPLITS:
         files[split] = []
@@ -83,9 +83,9 @@ def list_folder(data_dir: str | os.PathLike | None) -> FolderListing:
         for name in sorted(_class_dirs(root / split)):
             if name not in label:
                 raise FlatlabError(f"{root / split / name}: class {name!r} is not in train/")
-            for path in _images(root / split / name):
-                files[split].append((path, label[name]))
-                digest.update(f"{split}/{name}/{path.name}\t{path.stat().st_size}\n".encode())
+            for entry in _images(root / split / name):
+                files[split].append((entry.path, label[name]))
+                digest.update(f"{split}/{name}/{entry.name}\t{entry.stat().st_size}\n".encode())
         if not files[split] and split != "val":
             raise FlatlabError(f"image folder {str(root / split)!r} holds no images")
     return FolderListing(root, classes, files, "sha256:" + digest.hexdigest())
@@ -113,7 +113,8 @@ def load_folder(*, seed: int, data_dir: str | os.PathLike | None, image_size: An
     if threads is None:
         threads = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
                    else os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+    with ThreadPoolExecutor(max_workers=threads) if threads > 1 else contextlib.nullcontext() \
+            as pool:
         x = {split: _decode_all(files, size, mode, image_size is not None, pool)
              for split, files in listing.files.items()}
     y = {split: torch.tensor([label for _, label in files], dtype=torch.int64)
@@ -143,16 +144,16 @@ def _class_dirs(split_dir: Path) -> list[str]:
     return names
 
 
-def _images(class_dir: Path) -> list[Path]:
-    paths = []
+def _images(class_dir: Path) -> list[os.DirEntry]:
+    entries = []
     for entry in os.scandir(class_dir):
         if entry.name.startswith("."):
             continue
         if not entry.is_file() or not entry.name.lower().endswith(IMAGE_SUFFIXES):
             raise FlatlabError(f"{entry.path}: not a {'/'.join(IMAGE_SUFFIXES)} file; class "
                                f"directories may hold only images")
-        paths.append(Path(entry.path))
-    return sorted(paths, key=lambda p: p.name)
+        entries.append(entry)
+    return sorted(entries, key=lambda e: e.name)
 
 
 def _size(image_size: Any, listing: FolderListing) -> tuple[int, int]:
@@ -172,8 +173,8 @@ def _size(image_size: Any, listing: FolderListing) -> tuple[int, int]:
     return height, width
 
 
-def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int], mode: str, resize: bool,
-                pool: ThreadPoolExecutor) -> Tensor:
+def _decode_all(files: list[tuple[str, int]], size: tuple[int, int], mode: str, resize: bool,
+                pool: ThreadPoolExecutor | None, chunk: int = 64) -> Tensor:
     channels = 1 if mode == "L" else 3
     out = torch.empty((len(files), channels, *size), dtype=torch.uint8)
     target = out.numpy()  # shares memory: each thread writes its example in place
@@ -193,7 +194,15 @@ def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int], mode: str,
                                f"image {size[1]}x{size[0]}; pass image_size=N to resize all")
         target[i] = pixels.reshape(*size, channels).transpose(2, 0, 1)
 
-    futures = [pool.submit(decode, i) for i in range(len(files))]
+    def decode_range(start: int) -> None:  # one task per chunk: futures cost ~0.1 ms each
+        for i in range(start, min(start + chunk, len(files))):
+            decode(i)
+
+    if pool is None:
+        for i in range(len(files)):
+            decode(i)
+        return out
+    futures = [pool.submit(decode_range, start) for start in range(0, len(files), chunk)]
     try:
         for future in futures:
             future.result()
@@ -204,7 +213,7 @@ def _decode_all(files: list[tuple[Path, int]], size: tuple[int, int], mode: str,
 
 
 @contextlib.contextmanager
-def _opened(path: Path) -> Iterator[Image.Image]:
+def _opened(path: str) -> Iterator[Image.Image]:
     """``Image.open`` whose failure (not an image, unreadable) is a FlatlabError naming the file."""
     try:
         image = Image.open(path)
