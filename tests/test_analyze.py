@@ -572,3 +572,79 @@ def test_best_checkpoint_of_a_run_directory(runs, tmp_path, capsys):
     assert code == 0, err
     assert json.loads((tmp_path / "file" / "analysis.json").read_text())["checkpoints"][0][
         "loss"] == ck["loss"]
+
+
+def _subset(run_dir: Path, samples: int, batch_size: int):
+    model, _ = load_model(run_dir)
+    data = load_dataset("synthetic", **DATA_SPEC)
+    indices = A.sample_indices(len(data.y_train), samples, 0)
+    return model, data, A.SubsetBatches(data.x_train, data.y_train, indices, batch_size)
+
+
+def test_paper_metrics_are_the_hessian_paper_estimators(runs, tmp_path, capsys):
+    hessian = _hessian()
+    if not hasattr(hessian, "paper_top_eigenvalue"):
+        pytest.skip("flatlab.hessian.paper not available yet")
+    sgd, nso = runs
+    options = A.AnalyzeOptions(trace=False, eigenvalues=0, density=False, landscape=(),
+                               samples=48, batch_size=16, paper_metrics=True, progress=False)
+    (ck,) = A.analyze([sgd], options).checkpoints
+    model, _, batches = _subset(sgd, 48, 16)
+    head = [n for n, p in model.named_parameters() if p.dim() == 2][-1]
+    assert hessian.paper_parameters(model) == [head]  # an MLP: the head's weight alone
+    op = hessian.HessianOperator(model, nn.CrossEntropyLoss(), batches,
+                                 params=hessian.paper_parameters(model))
+    trace = hessian.paper_trace(op, seed=0)
+    assert ck.trace_paper == pytest.approx(trace.estimate, rel=1e-9)
+    assert ck.trace_paper_stderr == pytest.approx(trace.stderr, rel=1e-9)
+    assert ck.lambda_paper == pytest.approx(hessian.paper_top_eigenvalue(op, seed=0).estimate,
+                                            rel=1e-9)
+    # per batch of 24 samples: the mean over the two batches' results (the official aggregate)
+    per_batch = A.analyze([sgd], A.AnalyzeOptions(**{**options.__dict__,
+                                                     "paper_batch_size": 24})).checkpoints[0]
+    ops = [hessian.HessianOperator(model, nn.CrossEntropyLoss(),
+                                   A.SubsetBatches(batches.x, batches.y, chunk, 16),
+                                   params=[head]) for chunk in batches.indices.split(24)]
+    lams = [hessian.paper_top_eigenvalue(o, seed=0) for o in ops]
+    assert per_batch.lambda_paper == pytest.approx(hessian.batch_mean(lams).estimate, rel=1e-9)
+    traces = [hessian.paper_trace(o, seed=0).estimate for o in ops]
+    assert per_batch.trace_paper == pytest.approx(sum(traces) / 2, rel=1e-9)
+    assert per_batch.lambda_paper != pytest.approx(ck.lambda_paper, rel=1e-6)
+    # the command line: columns in summary.csv and the report, settings in analysis.json
+    out = tmp_path / "paper"
+    code, _, err = _cli([sgd, nso, "--paper-metrics", "--samples", "48", "--batch-size", "16",
+                         "--out", out, "--no-progress"], capsys)
+    assert code == 0, err
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["paper_batch_size"] == "all" and analysis["checkpoints"][0]["trace"] is None
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    assert float(rows[0]["lambda_paper"]) == analysis["checkpoints"][0]["lambda_paper"]
+    assert float(rows[0]["trace_paper"]) == pytest.approx(ck.trace_paper, rel=1e-9)
+    assert "λ (paper)" in (out / "report.md").read_text(encoding="utf-8")
+    code, _, err = _cli([sgd, "--paper-batch-size", "8", "--out", out, "--no-progress"], capsys)
+    assert code == 2 and "--paper-metrics" in err
+
+
+def test_forward_replaces_model_calls_everywhere(runs):
+    hessian = _hessian()
+    sgd, _ = runs
+
+    def doubled(model, x):  # the logits of a model whose forward needs unpacking, say
+        return 2 * model(x)
+
+    options = A.AnalyzeOptions(trace=True, trace_matvecs=8, eigenvalues=2, density=False,
+                               landscape=("1d",), grid_points=3, samples=40, batch_size=16,
+                               progress=False)
+    plain = A.analyze([sgd], options).checkpoints[0]
+    (ck,) = A.analyze([sgd], options, forward=doubled).checkpoints
+    model, data, batches = _subset(sgd, 40, 16)
+    idx = batches.indices
+    with torch.no_grad():
+        loss = float(nn.functional.cross_entropy(2 * model(data.x_train[idx]), data.y_train[idx]))
+    assert ck.loss == pytest.approx(loss, rel=1e-6) and ck.loss != pytest.approx(plain.loss)
+    assert ck.landscape_1d.loss[1] == pytest.approx(loss, rel=1e-6)  # alpha = 0
+    op = hessian.HessianOperator(model, nn.CrossEntropyLoss(), batches, forward=doubled)
+    assert ck.trace == pytest.approx(hessian.trace(op, num_matvecs=8, seed=0).estimate,
+                                     rel=1e-6)
+    assert ck.eigenvalues[0] == pytest.approx(
+        float(hessian.top_eigenvalues(op, k=2, seed=0).eigenvalues[0]), rel=1e-5)

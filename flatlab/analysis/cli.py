@@ -75,6 +75,9 @@ def build_parser() -> ArgumentParser:
     what.add_argument("--landscape", action="append", choices=LANDSCAPES,
                       help="loss slice along random filter-normalised directions "
                            "(repeat for both)")
+    what.add_argument("--paper-metrics", action="store_true",
+                      help="the paper's trace_paper (conv + head weights) and lambda_paper "
+                           "(per-layer-normalised power iteration)")
     what.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
                       help="loss on the straight line between two of the checkpoints "
                            "(names or paths)")
@@ -82,6 +85,9 @@ def build_parser() -> ArgumentParser:
     how.add_argument("--checkpoint", choices=CHECKPOINT_CHOICES, default="final",
                      help="in a run directory: final (model.safetensors, default) or best "
                           "(best.safetensors, from train --keep best)")
+    how.add_argument("--paper-batch-size", type=_int_at_least(1, "--paper-batch-size"),
+                     metavar="B", help="paper metrics on each batch of B samples, averaged (the "
+                     "official aggregate; default: the whole subset as one Hessian)")
     how.add_argument("--samples", type=_samples, default=1000, metavar="N|all",
                      help="seeded subset of training examples (default 1000)")
     how.add_argument("--batch-size", type=_int_at_least(1, "--batch-size"), default=256)
@@ -123,13 +129,15 @@ def build_parser() -> ArgumentParser:
 
 def options_from_args(args, argv: Sequence[str]) -> AnalyzeOptions:
     """The options the parsed flags ask for (validated)."""
-    chosen = args.trace or args.eigenvalues is not None or args.density or args.landscape
+    chosen = (args.trace or args.eigenvalues is not None or args.density or args.landscape
+              or args.paper_metrics)
     options = AnalyzeOptions(
         samples=args.samples, seed=args.seed, mode=args.mode, batch_size=args.batch_size,
         trace_matvecs=args.trace_matvecs, trace_method=args.trace_method,
         density_runs=args.density_runs, density_steps=args.density_steps,
         grid_points=args.grid_points, landscape_range=args.landscape_range, bn=args.bn,
         interpolate=tuple(args.interpolate) if args.interpolate else None,
+        paper_metrics=args.paper_metrics, paper_batch_size=args.paper_batch_size,
         checkpoint=args.checkpoint, device=args.device, threads=args.threads,
         data_dir=args.data_dir, trust_pickle=args.trust_pickle, progress=not args.no_progress,
         command="python -m flatlab.analyze " + shlex.join(argv))

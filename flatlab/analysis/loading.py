@@ -23,8 +23,7 @@ from flatlab.analysis.options import AnalyzeOptions
 from flatlab.checkpoint import CHECKPOINT_NAME, load_dataset_for, load_model, resolve_checkpoint
 from flatlab.errors import FlatlabError
 from flatlab.runtime import resolve_device
-
-BEST_CHECKPOINT = "best.safetensors"  # written by ``train --keep best``
+from flatlab.training.rundir import BEST_NAME, CONFIG_NAME, METRICS_NAME
 
 
 @dataclass
@@ -88,9 +87,9 @@ def resolve(path_or_run_dir: str | Path, which: str = "final") -> Path:
     (``which="final"``) or ``best.safetensors`` (``which="best"``)."""
     path = Path(path_or_run_dir).expanduser()
     if which == "best" and path.is_dir():
-        best = path / BEST_CHECKPOINT
+        best = path / BEST_NAME
         if not best.is_file():
-            raise FlatlabError(f"run directory {str(path)!r} has no {BEST_CHECKPOINT} (train "
+            raise FlatlabError(f"run directory {str(path)!r} has no {BEST_NAME} (train "
                                f"with --keep best and a validation split to write it)")
         return best
     return resolve_checkpoint(path)
@@ -100,7 +99,7 @@ def run_dir_of(path: Path) -> Path | None:
     """The run directory holding checkpoint ``path``, or ``None`` for a loose file."""
     parent = path.parent
     if path.name == CHECKPOINT_NAME or any(
-            (parent / f).is_file() for f in ("metrics.csv", "config.toml")):
+            (parent / f).is_file() for f in (METRICS_NAME, CONFIG_NAME)):
         return parent
     return None
 
@@ -206,7 +205,7 @@ def default_out_dir(loaded: Sequence[LoadedCheckpoint]) -> Path:
     ``runs/analysis``) or beside the first loose file."""
     first = loaded[0]
     if len(loaded) == 1 and first.run_dir is not None:
-        return first.run_dir / ("analysis-best" if first.path.name == BEST_CHECKPOINT
+        return first.run_dir / ("analysis-best" if first.path.name == BEST_NAME
                                 else "analysis")
     anchor = first.run_dir if first.run_dir is not None else first.path
     return anchor.parent / "analysis"

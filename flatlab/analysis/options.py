@@ -38,7 +38,7 @@ class AnalyzeOptions:
     bn: str = "stored"                   # landscape BatchNorm statistics: stored | recompute
     interpolate: tuple[str, str] | None = None  # two checkpoint names or paths
     paper_metrics: bool = False          # trace_paper and lambda_paper (the paper's definitions)
-    paper_iterations: int = 20           # power iterations for lambda_paper
+    paper_batch_size: int | None = None  # their Hessians: None the whole subset; B: per batch
     checkpoint: str = "final"            # in a run directory: final (model) or best
     device: str = "auto"
     threads: int = 0                     # CPU threads; 0: one for models under 1M parameters
@@ -59,7 +59,11 @@ class AnalyzeOptions:
         _integer("density_runs", self.density_runs)
         _integer("density_steps", self.density_steps)
         _integer("threads", self.threads, 0)
-        _integer("paper_iterations", self.paper_iterations)
+        if self.paper_batch_size is not None:
+            _integer("paper_batch_size", self.paper_batch_size)
+            if not self.paper_metrics:
+                raise FlatlabError("paper_batch_size applies to the paper metrics: add "
+                                   "--paper-metrics (paper_metrics=True)")
         _choice("mode", self.mode, landscape.MODES)
         _choice("trace method", self.trace_method, TRACE_METHODS)
         for kind in self.landscape:

@@ -9,8 +9,9 @@ Versions (``schema_version``):
 
 - 1: flatlab 0.1.0 files, which have no ``schema_version`` field; read as version 1 with the
   same fields (a missing field reads as ``None``);
-- 2: adds ``schema_version`` (first key) and the paper metrics ``trace_paper`` /
-  ``lambda_paper`` (``None`` unless asked for).
+- 2: adds ``schema_version`` (first key) and, only where computed, the paper metrics
+  ``trace_paper``, ``trace_paper_stderr``, ``lambda_paper`` per checkpoint and
+  ``paper_batch_size`` (an int, or ``"all"``: the whole analysis subset as one Hessian).
 
 A file with a newer version than this flatlab knows is refused (:class:`FlatlabError`).
 
@@ -293,6 +294,7 @@ class Analysis(_JsonView):
     landscape_bn: str | None = None
     landscape_range: float | None = None
     interpolation: Interpolation | None = None
+    paper_batch_size: int | str | None = None  # schema 2, with paper metrics: an int or "all"
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self) -> None:
@@ -315,6 +317,8 @@ class Analysis(_JsonView):
                 "samples": self.samples, "seed": self.seed, "mode": self.mode,
                 "batch_size": self.batch_size, "landscape_bn": self.landscape_bn,
                 "landscape_range": self.landscape_range,
+                **({} if self.paper_batch_size is None
+                   else {"paper_batch_size": self.paper_batch_size}),
                 "checkpoints": [ck.to_json() for ck in self.checkpoints],
                 "interpolation": _plain(self.interpolation)}
 
@@ -337,7 +341,8 @@ class Analysis(_JsonView):
                    command=d.get("command"), samples=d.get("samples"), seed=d.get("seed"),
                    mode=d.get("mode"), batch_size=d.get("batch_size"),
                    landscape_bn=d.get("landscape_bn"), landscape_range=d.get("landscape_range"),
-                   interpolation=interpolation, schema_version=SCHEMA_VERSION)
+                   interpolation=interpolation, paper_batch_size=d.get("paper_batch_size"),
+                   schema_version=SCHEMA_VERSION)
 
     @classmethod
     def coerce(cls, analysis: Analysis | Mapping) -> Analysis:

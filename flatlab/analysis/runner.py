@@ -56,6 +56,7 @@ from flatlab.analysis.results import (
     floats,
     matrix,
 )
+from flatlab.errors import FlatlabError
 from flatlab.runtime import exact_float32, set_threads
 
 Forward = Callable[[nn.Module, Any], Any]  # forward(model, x) -> outputs, instead of model(x)
@@ -170,11 +171,47 @@ def measure_landscape_2d(m: Measurement) -> dict[str, Any]:
                                     matrix(_tolist(res["accuracy"])))}
 
 
+def _paper_operator(m: Measurement, batches: SubsetBatches):
+    return hessian.HessianOperator(m.model, m.loss_fn, batches, mode=m.options.mode,
+                                   params=hessian.paper_parameters(m.model),
+                                   **m.forward_kwargs())
+
+
+def measure_paper(m: Measurement) -> dict[str, Any]:
+    """``trace_paper`` (Hutchinson over the convolution and head weights, stopping at a 1e-3
+    relative change) and ``lambda_paper`` (the per-layer-normalised power iteration), as the
+    paper's official code computes them (:mod:`flatlab.hessian.paper`): on the Hessian of the
+    whole analysis subset, or with ``paper_batch_size`` on each batch of that many samples,
+    averaged over batches (the official aggregate; the batch size is then part of the
+    definition)."""
+    if m.spread:
+        raise FlatlabError("--paper-metrics runs in one process (not under torchrun)")
+    size = m.options.paper_batch_size
+    whole = m.batches
+    parts = [whole] if size is None else [
+        SubsetBatches(whole.x, whole.y, chunk, whole.batch_size, whole.device)
+        for chunk in whole.indices.split(size)]
+    traces, eigens = [], []
+    for part in parts:
+        op = _paper_operator(m, part)
+        traces.append(hessian.paper_trace(op, seed=m.options.seed))
+        eigens.append(hessian.paper_top_eigenvalue(op, seed=m.options.seed))
+    lam = eigens[0] if len(eigens) == 1 else hessian.batch_mean(eigens)
+    if len(traces) == 1:
+        trace, stderr = traces[0].estimate, traces[0].stderr
+    else:  # the mean over batches, its standard error over batches
+        values = torch.tensor([t.estimate for t in traces], dtype=torch.float64)
+        trace, stderr = float(values.mean()), float(values.std() / len(values) ** 0.5)
+    return {"trace_paper": finite(trace), "trace_paper_stderr": finite(stderr),
+            "lambda_paper": finite(lam.estimate)}
+
+
 STAGES: dict[str, Stage] = {
     "loss": measure_loss,
     "trace": measure_trace,
     "eigenvalues": measure_eigenvalues,
     "density": measure_density,
+    "paper": measure_paper,
     "landscape 1d": measure_landscape_1d,
     "landscape 2d": measure_landscape_2d,
 }
@@ -183,7 +220,7 @@ STAGES: dict[str, Stage] = {
 def planned_stages(options: AnalyzeOptions) -> list[str]:
     """The stage names ``options`` asks for, in the order they run."""
     chosen = {"loss": True, "trace": options.trace, "eigenvalues": options.eigenvalues > 0,
-              "density": options.density}
+              "density": options.density, "paper": options.paper_metrics}
     chosen.update({f"landscape {kind}": kind in options.landscape for kind in ("1d", "2d")})
     return [name for name in STAGES if chosen.get(name)]
 
@@ -253,7 +290,8 @@ def _analyze(checkpoints: Sequence[str | Path] | Sequence[LoadedCheckpoint],
         command=options.command,
         samples=options.samples if options.samples is not None else "all", seed=options.seed,
         mode=options.mode, batch_size=options.batch_size, landscape_bn=options.bn,
-        landscape_range=options.landscape_range, interpolation=interpolation)
+        landscape_range=options.landscape_range, interpolation=interpolation,
+        paper_batch_size=(options.paper_batch_size or "all") if options.paper_metrics else None)
 
 
 def _result(ck: LoadedCheckpoint, num_samples: int, fields: dict[str, Any]) -> CheckpointResult:

@@ -233,7 +233,12 @@ def write_report(analysis: Analysis | Mapping, out_dir: str | os.PathLike, *,
                 script=IMAGE_CHECK)
     if command:
         page.add(Paragraph(f"Regenerate with: `{command}`"))
-    page.add(Heading("Summary"), Paragraph(_summary_note(base_name, checkpoints)),
+    note = _summary_note(base_name, checkpoints)
+    if any(ck.trace_paper is not None or ck.lambda_paper is not None for ck in checkpoints):
+        note += (" trace (paper) and λ (paper) follow the paper's official code: Hutchinson "
+                 "over the convolution and head weights only, and the sum of per-layer "
+                 "Rayleigh quotients of a per-layer-normalised power iteration.")
+    page.add(Heading("Summary"), Paragraph(note),
              Table(display_table(table, analysis), css_class="summary"),
              Paragraph(f"Also as CSV (full precision): [{COMPARISON_CSV}]({COMPARISON_CSV}) "
                        f"(this table with the changes against the baseline; `summary.csv`, "
