@@ -261,7 +261,7 @@ def _train_on_ranks(out: str) -> dict:
     import torch.distributed as dist
 
     from flatlab.errors import FlatlabError
-    from flatlab.train import TrainConfig, train
+    from flatlab.training import TrainConfig, train
 
     real_all_reduce = dist.all_reduce
     sizes: list[int] = []
@@ -294,7 +294,7 @@ def _train_on_ranks(out: str) -> dict:
 def _train_then_resume(name: str, out, sizes: list | None = None, **changes) -> dict:
     """TINY with TRAIN_CASES[name] (and ``changes``): one epoch (``sizes`` then holds the
     all-reduce sizes), then ``--resume`` with ``epochs=2``; the final checkpoint, metrics."""
-    from flatlab.train import TrainConfig, train
+    from flatlab.training import TrainConfig, train
 
     tag = "-".join([name, *changes])
     config = dict(TINY, **TRAIN_CASES[name], **changes, out=f"{out}/{tag}")
@@ -361,7 +361,7 @@ def test_independent_noise_per_process_changes_the_run_and_survives_resume(
 
 def test_independent_noise_is_refused_for_optimizers_without_noise():
     from flatlab.errors import FlatlabError
-    from flatlab.train import TrainConfig
+    from flatlab.training import TrainConfig
 
     with pytest.raises(FlatlabError, match="--independent-noise applies to nso and rwp only"):
         TrainConfig(**dict(TINY, optimizer="sam", independent_noise=True)).validate()
@@ -369,7 +369,7 @@ def test_independent_noise_is_refused_for_optimizers_without_noise():
 
 def test_bf16_autocast_trains_with_float32_weights(tmp_path):
     from flatlab.checkpoint import read_checkpoint
-    from flatlab.train import TrainConfig, train
+    from flatlab.training import TrainConfig, train
 
     runs = {}
     for precision in ("fp32", "bf16"):
@@ -393,7 +393,7 @@ def test_torchrun_command_line(tmp_path):
     import subprocess
     import sys
 
-    from flatlab.train import main
+    from flatlab.training.cli import main
 
     flags = ["--dataset", "synthetic", "--dataset-arg", "train_size=96", "--dataset-arg",
              "test_size=32", "--model", "mlp", "--model-arg", "hidden=[16]", "--optimizer",
@@ -544,15 +544,16 @@ def test_distributed_analysis_equals_one_process(two_ranks):
 def test_analysis_runs_without_tf32_and_restores_the_flags(tmp_path, monkeypatch):
     """On CUDA cuDNN convolutions default to TF32 (~1e-3 error); analyze switches it off."""
     from flatlab import analyze as A
+    from flatlab.analysis import runner
 
     seen = []
-    run_stage = A._run_stage
+    run_stage = runner.run_stage
 
     def recording(*args, **kwargs):
         seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return run_stage(*args, **kwargs)
 
-    monkeypatch.setattr(A, "_run_stage", recording)
+    monkeypatch.setattr(runner, "run_stage", recording)
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
     try:
