@@ -18,10 +18,27 @@ Since :math:`\\sum_i \\tau_{ri}^2 \\theta_{ri} = (T_r)_{11} = v_r^\\top H v_r`, 
 :math:`\\hat\\phi` is exactly the Hutchinson estimate of :math:`\\operatorname{tr}(H)/P` from the
 same vectors (``DensityResult.mean``).
 
-The runs are computed together: each step is one ``matvec`` with a ``(P, num_runs)`` block,
-and each column keeps its own tridiagonal and is reorthogonalised (twice, float64) against its
-own basis only. A run whose Krylov space becomes invariant stops there (its remaining nodes
-carry weight 0).
+**Reorthogonalisation.** ``reorthogonalize="local"`` (the default) runs the plain three-term
+recurrence (Paige's ordering: :math:`w = Hq_j - \\beta_{j-1} q_{j-1}`, :math:`\\alpha_j = q_j^\\top
+w`, :math:`w \\mathrel{-}= \\alpha_j q_j`): each vector is orthogonal to the two before it
+only. In floating point the basis then loses orthogonality and converged extreme eigenvalues
+reappear as "ghost" nodes, but the quadrature stays accurate: the ghosts share the weight of
+the eigenvalue they copy (Greenbaum 1989; Chen, Trogdon, Ubaru 2021), so the smoothed density
+and every moment match full reorthogonalisation to within the Monte Carlo error (measured in
+``benchmarks/hessian_accuracy.py``). ``"full"`` orthogonalises every vector against the whole
+basis of its run (classical Gram-Schmidt, a second pass where needed): exact nodes, at the
+price of ``num_steps`` stored vectors per run and a Gram-Schmidt sweep per step.
+
+**Blocks.** ``block_size`` runs are in flight at a time; each Lanczos step is one ``matvec``
+with a ``(P, block_size)`` block and every run keeps its own tridiagonal. A run whose Krylov
+space becomes invariant stops there (its remaining nodes carry weight 0, and it takes no more
+products).
+
+**Memory** (bytes per parameter, ``s`` = bytes per element of the operator's dtype, ``b`` =
+``block_size``): ``3 b s`` for local reorthogonalisation (4 runs of a float32 model: 48),
+``b (num_steps + 1) s`` for full; plus ``num_runs`` bytes for the start vectors' signs and
+one block's working memory in the operator. Vectors live on ``basis_device`` (default: the
+operator's device).
 """
 
 from __future__ import annotations
@@ -36,12 +53,13 @@ import torch
 from torch import Tensor
 
 from flatlab.errors import FlatlabError
-from flatlab.hessian._common import apply, check_operator, generator, rademacher
+from flatlab.hessian._common import block_sizes, check_operator, generator
+from flatlab.hessian._krylov import dots, norm, orthogonalize, product, resolve_basis_device
 
-__all__ = ["DensityResult", "spectral_density"]
+__all__ = ["DensityResult", "REORTHOGONALIZATION", "spectral_density"]
 
+REORTHOGONALIZATION = ("local", "full")
 _BREAKDOWN = 1e-10
-_DGKS = 2 ** -0.5  # second reorthogonalisation pass when the norm fell below this
 
 
 @dataclass(frozen=True)
@@ -63,65 +81,73 @@ class DensityResult:
     matvecs: int
 
 
-def _block_lanczos_runs(op: Any, starts: Tensor, steps: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Independent Lanczos runs, one per column of ``starts`` (unit columns), all products
-    through one block ``matvec`` per step. Returns ``alphas (R, steps)``, ``betas (R, steps)``
-    and the number of valid steps per run."""
-    size, runs = starts.shape
-    # basis[r, j] = run r's j-th Lanczos vector: each run's vectors are contiguous rows, so the
-    # reorthogonalisation is two batched matrix products without copying the basis
-    basis = torch.empty(runs, steps, size, dtype=torch.float64, device=starts.device)
+def _lanczos_runs(op: Any, starts: Tensor, steps: int, full: bool,
+                  ) -> tuple[Tensor, Tensor, Tensor, int]:
+    """Independent Lanczos runs from the unit rows of ``starts`` ``(b, P)``, all products of a
+    step through one block ``matvec``. Returns ``alphas (b, steps)``, ``betas (b, steps)``,
+    the number of valid steps per run and the products used."""
+    runs, size = starts.shape
+    depth = steps if full else 2  # vector j of run r lives in vectors[r, j % depth]
+    vectors = torch.empty(runs, depth, size, dtype=starts.dtype, device=starts.device)
+    vectors[:, 0] = starts
     alphas = torch.zeros(runs, steps, dtype=torch.float64)
     betas = torch.zeros(runs, steps, dtype=torch.float64)
     lengths = torch.full((runs,), steps, dtype=torch.long)
-    alive = torch.ones(runs, dtype=torch.bool, device=starts.device)
-    q = starts.clone()
+    alive = list(range(runs))
+    used = 0
     for j in range(steps):
-        basis[:, j] = q.T
-        w = apply(op, q)
-        alpha = (q * w).sum(dim=0)
-        w -= alpha * q
-        if j > 0:
-            w -= betas[:, j - 1].to(w.device) * basis[:, j - 1].T
-        done = basis[:, : j + 1]                                  # (runs, j + 1, size)
-        rows = w.T.unsqueeze(2)                                   # (runs, size, 1)
-        # classical Gram-Schmidt against the whole basis, repeated only where it removed much
-        # of w (DGKS criterion, eta = 1/sqrt(2)): once is enough while orthogonality holds
-        for _ in range(2):
-            before = torch.linalg.vector_norm(rows, dim=(1, 2))
-            coefficients = torch.bmm(done, rows)                  # (runs, j + 1, 1)
-            rows = rows - torch.bmm(done.transpose(1, 2), coefficients)
-            if bool((torch.linalg.vector_norm(rows, dim=(1, 2)) >= _DGKS * before).all()):
-                break
-        w = rows.squeeze(2).T
-        beta = torch.linalg.vector_norm(w, dim=0)
-        alphas[:, j] = torch.where(alive, alpha, 0.0).cpu()
-        if j == steps - 1:
+        current = j % depth
+        w = product(op, vectors[alive, current])
+        used += len(alive)
+        for i, r in enumerate(alive):
+            if full:
+                coefficients, beta = orthogonalize(vectors[r, :j + 1], w[i])
+                alpha = float(coefficients[j])
+            else:
+                if j > 0:
+                    w[i].add_(vectors[r, 1 - current], alpha=-float(betas[r, j - 1]))
+                alpha = float(dots(vectors[r, current, None], w[i])[0])
+                w[i].add_(vectors[r, current], alpha=-alpha)
+                beta = norm(w[i])
+            alphas[r, j] = alpha
+            if j == steps - 1:
+                continue
+            if beta <= _BREAKDOWN * max(float(alphas[r, :j + 1].abs().max()), 1e-300):
+                lengths[r] = j + 1  # invariant Krylov space: this run is exact and stops
+                continue
+            betas[r, j] = beta
+            vectors[r, (j + 1) % depth] = w[i] / beta
+        alive = [r for r in alive if lengths[r] == steps]
+        del w
+        if not alive:
             break
-        scale = alphas[:, : j + 1].abs().amax(dim=1).to(beta.device)
-        stopping = alive & (beta <= _BREAKDOWN * scale.clamp_min(np.finfo(float).tiny))
-        lengths[stopping.cpu()] = j + 1
-        alive &= ~stopping
-        betas[:, j] = torch.where(alive, beta, 0.0).cpu()
-        q = torch.where(alive, w / beta.clamp_min(np.finfo(float).tiny), 0.0)
-    return alphas, betas, lengths
+    return alphas, betas, lengths, used
 
 
 def spectral_density(op: Any, *, num_runs: int = 4, num_steps: int = 64,
                      grid: Tensor | np.ndarray | None = None, grid_size: int = 1000,
-                     sigma: float = 0.01, seed: int = 0) -> DensityResult:
+                     sigma: float = 0.01, seed: int = 0, reorthogonalize: str = "local",
+                     block_size: int = 4,
+                     basis_device: str | torch.device | None = None) -> DensityResult:
     """Smoothed eigenvalue density of a symmetric operator by SLQ (see module doc).
+
+    Extra memory: ``3 block_size`` vectors in the operator's dtype with local
+    reorthogonalisation (default: 48 bytes per parameter for a float32 model), ``block_size
+    (num_steps + 1)`` with full; plus one block's working memory in the operator.
 
     Args:
         op: symmetric operator (``size``, ``dtype``, ``device``, ``matvec``).
         num_runs: independent Lanczos runs (one block column each).
-        num_steps: Lanczos steps per run (capped at ``P``); costs ``num_runs * num_steps``
-            products in ``num_steps`` block calls.
+        num_steps: Lanczos steps per run (capped at ``P``); costs up to ``num_runs *
+            num_steps`` products.
         grid: points to evaluate the density at (default: ``grid_size`` points spanning the
             nodes plus 5 sigma on either side).
         grid_size: number of grid points when ``grid`` is not given.
         sigma: Gaussian width relative to the spread of the nodes (``max - min``).
         seed: seeds the Rademacher start vectors (identical on every rank).
+        reorthogonalize: ``"local"`` (default) or ``"full"`` (see module doc).
+        block_size: runs in flight at a time (vectors per ``matvec`` call).
+        basis_device: where the Lanczos vectors live (default: the operator's device).
 
     >>> import torch
     >>> from flatlab.hessian import DenseOperator
@@ -136,9 +162,29 @@ def spectral_density(op: Any, *, num_runs: int = 4, num_steps: int = 64,
                            f"{num_steps}")
     if sigma <= 0:
         raise FlatlabError(f"sigma must be positive, got {sigma}")
+    if reorthogonalize not in REORTHOGONALIZATION:
+        raise FlatlabError(f"reorthogonalize={reorthogonalize!r} is not one of "
+                           f"{', '.join(REORTHOGONALIZATION)}")
+    if block_size < 1:
+        raise FlatlabError(f"block_size must be positive, got {block_size}")
     steps = min(num_steps, op.size)
-    starts = rademacher(op.size, num_runs, generator(seed), op.device) / math.sqrt(op.size)
-    alphas, betas, lengths = _block_lanczos_runs(op, starts, steps)
+    device = resolve_basis_device(op, basis_device)
+    # the same draws as rademacher(P, num_runs, gen), one byte per run and parameter
+    signs = torch.randint(0, 2, (op.size, num_runs), generator=generator(seed),
+                          dtype=torch.int8)
+    scale = 1.0 / math.sqrt(op.size)
+    alphas = torch.zeros(num_runs, steps, dtype=torch.float64)
+    betas = torch.zeros(num_runs, steps, dtype=torch.float64)
+    lengths = torch.zeros(num_runs, dtype=torch.long)
+    matvecs = start = 0
+    for width in block_sizes(num_runs, block_size):
+        starts = signs[:, start:start + width].T.to(device=device, dtype=op.dtype) * 2.0 - 1.0
+        starts *= scale
+        a, b, n, used = _lanczos_runs(op, starts, steps, reorthogonalize == "full")
+        alphas[start:start + width], betas[start:start + width] = a, b
+        lengths[start:start + width] = n
+        matvecs += used
+        start += width
     nodes = torch.zeros(num_runs, steps, dtype=torch.float64)
     weights = torch.zeros(num_runs, steps, dtype=torch.float64)
     for r in range(num_runs):
@@ -171,4 +217,4 @@ def spectral_density(op: Any, *, num_runs: int = 4, num_steps: int = 64,
         raise FlatlabError("the grid does not cover the spectrum (density is zero on it)")
     density = density / area
     mean = float((weights * nodes).sum() / num_runs)
-    return DensityResult(nodes, weights, grid_t, density, smoothing, mean, num_runs * steps)
+    return DensityResult(nodes, weights, grid_t, density, smoothing, mean, matvecs)

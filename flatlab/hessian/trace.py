@@ -31,11 +31,20 @@ gives block :math:`s` the exact part
 :math:`\\sum_{j \\in s} \\sum_c [Q \\odot (2HQ - QQ^\\top HQ)]_{jc}` (summing to
 :math:`\\operatorname{tr}(Q^\\top HQ)` over all blocks) plus its slice of the Hutchinson part.
 Each block estimate is unbiased and the blocks sum to the total.
+
+Memory (bytes per parameter; ``s`` = bytes per element of the operator's dtype, ``b`` =
+``block_size``, ``q = num_matvecs // 3``): Hutchinson streams its probes, ``16 b`` (float64
+probes and products; default ``b = 8``: 128). Hutch++ holds only its sketch: ``q s`` for
+:math:`Q` (built in place from :math:`HS`, orthonormalised by two passes of the eigenvalue form
+of Cholesky QR), ``q / 8`` for the signs of :math:`S` (bit-packed) and ``2 b s + 8 b`` for
+the block in flight (default ``b = 1``): 100 products on a float32 model take
+:math:`33 \\times 4 + 4 + 16 = 152`. Both add one block's working memory in the operator.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,18 +54,28 @@ from torch import Tensor
 from flatlab.errors import FlatlabError
 from flatlab.hessian._common import (
     apply,
-    apply_blocked,
     block_sizes,
     check_operator,
     generator,
     param_slices,
-    rademacher,
+)
+from flatlab.hessian._krylov import (
+    dots,
+    gram,
+    orthonormalize_rows,
+    pack_signs,
+    product,
+    resolve_basis_device,
+    subtract,
+    unpack_signs,
 )
 
 __all__ = ["TRACE_METHODS", "TraceResult", "trace"]
 
 TRACE_METHODS = ("hutch++", "hutchinson")
-DEFAULT_BLOCK_SIZE = 8
+DEFAULT_BLOCK_SIZE = {"hutchinson": 8, "hutch++": 1}
+DRAW = 8  # probes drawn per call of the generator (independent of block_size)
+_FILL_SEED = 0x5EED  # offset of the generator that completes a rank-deficient sketch
 
 
 @dataclass(frozen=True)
@@ -87,34 +106,122 @@ def _mean_and_stderr(values: Tensor) -> tuple[float, float]:
     return float(values.mean(dim=-1)), stderr
 
 
-def _hutchinson_samples(op: Any, count: int, block_size: int, gen: torch.Generator,
-                        project: Tensor | None, slices: list[tuple[str, slice]],
-                        ) -> tuple[Tensor, Tensor]:
-    """Values ``z_i^T H z_i`` (shape ``(count,)``) and their per-slice parts
-    (``(len(slices), count)``); probes are projected by ``I - Q Q^T`` when ``project=Q``."""
-    totals = [torch.zeros(0, dtype=torch.float64, device=op.device)]
-    parts = [torch.zeros(len(slices), 0, dtype=torch.float64, device=op.device)]
+def _probe_blocks(size: int, count: int, block_size: int, gen: torch.Generator,
+                  device: torch.device) -> Iterator[Tensor]:
+    """``count`` Rademacher probes as float64 ``(P, b)`` blocks of ``block_size`` columns,
+    drawn :data:`DRAW` columns at a time (as ``rademacher(P, 8, gen)``), so the probes do not
+    depend on ``block_size``."""
+    group, taken, drawn = torch.zeros(size, 0, dtype=torch.int8), 0, 0
     for width in block_sizes(count, block_size):
-        probes = rademacher(op.size, width, gen, op.device)
-        if project is not None:
-            probes -= project @ (project.T @ probes)
-        products = probes * apply(op, probes)
-        totals.append(products.sum(dim=0))
-        parts.append(torch.stack([products[sl].sum(dim=0) for _, sl in slices]) if slices
-                     else products.new_zeros(0, width))
+        pieces = []
+        while width:
+            if taken == group.shape[1]:
+                columns = min(DRAW, count - drawn)
+                group = torch.randint(0, 2, (size, columns), generator=gen, dtype=torch.int8)
+                taken, drawn = 0, drawn + columns
+            step = min(width, group.shape[1] - taken)
+            pieces.append(group[:, taken:taken + step])
+            taken, width = taken + step, width - step
+        signs = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        yield signs.to(device=device, dtype=torch.float64) * 2.0 - 1.0
+
+
+def _hutchinson_samples(op: Any, count: int, block_size: int, gen: torch.Generator,
+                        slices: list[slice]) -> tuple[Tensor, Tensor]:
+    """Values ``z_i^T H z_i`` (``(count,)``) and their per-slice parts (``(len(slices),
+    count)``), one block of float64 probes at a time."""
+    totals, parts = [], []
+    for probes in _probe_blocks(op.size, count, block_size, gen, op.device):
+        products = apply(op, probes).mul_(probes)
+        del probes
+        totals.append(products.sum(dim=0).cpu())
+        parts.append(torch.stack([products[sl].sum(dim=0) for sl in slices]).cpu())
+    if not totals:
+        return torch.zeros(0, dtype=torch.float64), torch.zeros(len(slices), 0,
+                                                                dtype=torch.float64)
     return torch.cat(totals), torch.cat(parts, dim=1)
 
 
+def _projected_samples(op: Any, count: int, block_size: int, gen: torch.Generator,
+                       basis: Tensor, slices: list[slice]) -> tuple[Tensor, Tensor]:
+    """As :func:`_hutchinson_samples` for the probes :math:`(I - QQ^\\top) g` (``basis`` =
+    the rows of :math:`Q`), projected twice in the basis' dtype."""
+    totals = torch.zeros(count, dtype=torch.float64)
+    parts = torch.zeros(len(slices), count, dtype=torch.float64)
+    done = 0
+    for block in _probe_blocks(op.size, count, block_size, gen, op.device):
+        probes = block.T.to(basis.device, basis.dtype)
+        width = probes.shape[0]
+        del block
+        for row in probes:
+            for _ in range(2):
+                subtract(row, basis, dots(basis, row))
+        products = product(op, probes)
+        for i in range(width):
+            pieces = torch.stack([dots(probes[i, None, sl], products[i, sl])[0]
+                                  for sl in slices])
+            parts[:, done + i] = pieces
+            totals[done + i] = pieces.sum()
+        done += width
+        del probes, products
+    return totals, parts
+
+
+def _sketch(op: Any, size: int, block_size: int, gen: torch.Generator, fill: torch.Generator,
+            device: torch.device) -> Tensor:
+    """Rows of :math:`Q = \\operatorname{orth}(HS)` for ``size`` Rademacher columns of
+    :math:`S` (the same draws as ``rademacher(P, size, gen)``), in the operator's dtype."""
+    signs = torch.randint(0, 2, (op.size, size), generator=gen, dtype=torch.int8)
+    packed = pack_signs(signs)
+    del signs
+    rows = torch.empty(size, op.size, dtype=op.dtype, device=device)
+    start = 0
+    for width in block_sizes(size, block_size):
+        block = unpack_signs(packed, op.size, slice(start, start + width), device)
+        rows[start:start + width] = product(op, block.T.to(op.dtype))
+        start += width
+    del packed
+    orthonormalize_rows(rows, fill)
+    return rows
+
+
+def _exact_parts(op: Any, basis: Tensor, block_size: int, slices: list[slice]) -> Tensor:
+    """Per slice, :math:`\\sum_{j \\in s} [QQ^\\top H + (I-QQ^\\top) H QQ^\\top]_{jj}`
+    (float64; they sum to :math:`\\operatorname{tr}(Q^\\top H Q)`)."""
+    count = basis.shape[0]
+    projected = torch.zeros(count, count, dtype=torch.float64)   # Q^T H Q
+    first = torch.zeros(len(slices), dtype=torch.float64)        # diag(Q Q^T H) per slice
+    start = 0
+    for width in block_sizes(count, block_size):
+        products = product(op, basis[start:start + width])
+        projected[:, start:start + width] = gram(basis, products)
+        for i in range(width):
+            first += torch.stack([dots(basis[start + i, None, sl], products[i, sl])[0]
+                                  for sl in slices])
+        start += width
+        del products
+    # diag(Q Q^T H Q Q^T) summed over a slice = <Q_s Q_s^T, Q^T H Q>
+    second = torch.stack([(gram(basis[:, sl]) * projected.T).sum() for sl in slices])
+    return 2.0 * first - second
+
+
 def trace(op: Any, *, num_matvecs: int = 100, method: str = "hutch++", seed: int = 0,
-          block_size: int | None = None) -> TraceResult:
+          block_size: int | None = None,
+          basis_device: str | torch.device | None = None) -> TraceResult:
     """Estimate :math:`\\operatorname{tr}(H)` with ``num_matvecs`` products (see module doc).
+
+    Extra memory: Hutchinson ``16 b`` bytes per parameter (``b = block_size``); Hutch++ its
+    sketch, ``num_matvecs // 3`` vectors in the operator's dtype (100 products, float32: about
+    150 bytes per parameter in all); plus one block's working memory in the operator.
 
     Args:
         op: a symmetric operator (``size``, ``dtype``, ``device``, ``matvec``).
         num_matvecs: product budget (Hutchinson: at least 2; Hutch++: at least 4).
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         seed: seeds the probes (a CPU generator: identical on every rank).
-        block_size: probes per ``matvec`` call (default 8).
+        block_size: probes per ``matvec`` call (default 8 for Hutchinson, 1 for Hutch++, which
+            already holds its sketch: each vector of a block costs the operator working memory).
+        basis_device: where Hutch++ keeps its sketch (default: the operator's device).
 
     >>> import torch
     >>> from flatlab.hessian import DenseOperator
@@ -129,34 +236,34 @@ def trace(op: Any, *, num_matvecs: int = 100, method: str = "hutch++", seed: int
     minimum = 4 if method == "hutch++" else 2
     if num_matvecs < minimum:
         raise FlatlabError(f"{method} needs num_matvecs >= {minimum}, got {num_matvecs}")
-    block_size = DEFAULT_BLOCK_SIZE if block_size is None else block_size
+    block_size = DEFAULT_BLOCK_SIZE[method] if block_size is None else block_size
     if block_size < 1:
         raise FlatlabError(f"block_size must be positive, got {block_size}")
     gen = generator(seed)
-    slices = param_slices(op)
+    named = param_slices(op)
+    slices = [sl for _, sl in named] or [slice(0, op.size)]
 
     if method == "hutchinson":
-        samples, parts = _hutchinson_samples(op, num_matvecs, block_size, gen, None, slices)
-        per_param = {name: _mean_and_stderr(parts[i]) for i, (name, _) in enumerate(slices)}
+        samples, parts = _hutchinson_samples(op, num_matvecs, block_size, gen, slices)
+        per_param = {name: _mean_and_stderr(parts[i]) for i, (name, _) in enumerate(named)}
         estimate, stderr = _mean_and_stderr(samples)
-        return TraceResult(estimate, stderr, num_matvecs, method, per_param, 0.0, samples.cpu())
+        return TraceResult(estimate, stderr, num_matvecs, method, per_param, 0.0, samples)
 
     sketch_size = min(num_matvecs // 3, op.size)
-    sketch = apply_blocked(op, rademacher(op.size, sketch_size, gen, op.device), block_size)
-    basis = torch.linalg.qr(sketch).Q
-    h_basis = apply_blocked(op, basis, block_size)
-    # Diagonal of QQ^T H + (I - QQ^T) H QQ^T, row by row (its sum is tr(Q^T H Q)).
-    exact_rows = (basis * (2.0 * h_basis - basis @ (basis.T @ h_basis))).sum(dim=1)
-    exact = float(exact_rows.sum())
+    basis = _sketch(op, sketch_size, block_size, gen, generator(seed + _FILL_SEED),
+                    resolve_basis_device(op, basis_device))
+    exact_parts = _exact_parts(op, basis, block_size, slices)
     remaining = num_matvecs - 2 * sketch_size if sketch_size < op.size else 0
-    samples, parts = _hutchinson_samples(op, remaining, block_size, gen, basis, slices)
+    samples, parts = _projected_samples(op, remaining, block_size, gen, basis, slices)
+    del basis
     mean, stderr = _mean_and_stderr(samples)
     if remaining == 0:
         stderr = 0.0  # Q spans the whole space: the trace is exact
     per_param = {}
-    for i, (name, sl) in enumerate(slices):
+    for i, (name, _) in enumerate(named):
         part_mean, part_stderr = _mean_and_stderr(parts[i])
-        per_param[name] = (float(exact_rows[sl].sum()) + part_mean,
+        per_param[name] = (float(exact_parts[i]) + part_mean,
                            0.0 if remaining == 0 else part_stderr)
+    exact = float(exact_parts.sum())
     used = 2 * sketch_size + remaining
-    return TraceResult(exact + mean, stderr, used, method, per_param, exact, samples.cpu())
+    return TraceResult(exact + mean, stderr, used, method, per_param, exact, samples)
