@@ -21,14 +21,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flatlab.errors import FlatlabError
+
 AUGMENTATIONS: tuple[str, ...] = ("none", "crop-flip")
 
 
 def crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor:
     """Random ``padding``-pixel crop and horizontal flip of every image in ``x`` ``(N, C, H, W)``.
 
-    Returns a new tensor of ``x``'s shape, dtype and device. Only image batches are accepted:
-    shifting or mirroring a 1-D signal changes its meaning in data-set specific ways.
+    Returns a new tensor of ``x``'s shape, dtype and device. Only image batches are accepted
+    (else a FlatlabError, a ValueError): shifting or mirroring a 1-D signal changes its meaning
+    in data-set specific ways.
 
     >>> x = torch.arange(4.0).reshape(1, 1, 2, 2)
     >>> out = crop_flip(x, torch.Generator().manual_seed(0), padding=0)  # flip only
@@ -36,10 +39,10 @@ def crop_flip(x: Tensor, generator: torch.Generator, padding: int = 4) -> Tensor
     True
     """
     if x.dim() != 4:
-        raise ValueError(f"crop_flip needs an image batch (N, C, H, W), got shape "
-                         f"{tuple(x.shape)}")
+        raise FlatlabError(f"crop_flip needs an image batch (N, C, H, W), got shape "
+                           f"{tuple(x.shape)}; use --augment none for other data")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
-        raise ValueError(f"crop_flip padding must be a non-negative integer, got {padding!r}")
+        raise FlatlabError(f"crop_flip padding must be a non-negative integer, got {padding!r}")
     n, _, height, width = x.shape
     draws = torch.randint(0, 2 * padding + 1, (n, 2), generator=generator,
                           device=generator.device).to(x.device)

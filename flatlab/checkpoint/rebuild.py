@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from flatlab.checkpoint.files import read_weights, resolve_checkpoint
 from flatlab.checkpoint.transfer import strip_prefix
+from flatlab.data import Dataset, dataset_from_spec
 from flatlab.errors import FlatlabError
 from flatlab.factory import check_consent, is_factory_name
 from flatlab.models import build_model, is_registry_model
@@ -98,13 +99,11 @@ def check_fit(expected: Mapping[str, Tensor], state: Mapping[str, Tensor], *,
 
 
 def load_dataset_for(metadata: Mapping[str, Any], *, data_dir: str | os.PathLike | None = None,
-                     trust_code: bool = False):
+                     trust_code: bool = False) -> Dataset:
     """The data set a checkpoint was trained on, rebuilt from its metadata.
 
     A dataset factory named in the metadata is imported only with ``trust_code=True``.
     """
-    from flatlab.data import dataset_from_spec  # flatlab.data imports PIL: only when needed
-
     spec = metadata.get("dataset")
     if not isinstance(spec, dict):
         raise FlatlabError("checkpoint metadata has no dataset spec; pass the data explicitly")
