@@ -42,12 +42,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from flatlab.errors import FlatlabError
+from flatlab.io import lock_directory
+
 __all__ = [
     "all_gather_cat", "all_reduce_max", "all_reduce_mean", "all_reduce_sum", "all_ranks_true",
-    "barrier", "broadcast", "cleanup", "device_for", "init_from_env", "is_initialized",
-    "is_main_process", "launched_by_torchrun", "local_rank", "main_process_only", "rank",
-    "replicas_equal", "shard", "silence_other_ranks", "spawn", "unwrap_model", "world_size",
-    "wrap_model",
+    "barrier", "broadcast", "cleanup", "device_for", "hold_directory", "init_from_env",
+    "is_initialized", "is_main_process", "launched_by_torchrun", "local_rank",
+    "main_process_only", "rank", "replicas_equal", "shard", "silence_other_ranks", "spawn",
+    "unwrap_model", "world_size", "wrap_model",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -107,8 +110,6 @@ def init_from_env(device: str | torch.device = "auto", *,
     if not launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) <= 1:
         return False
     if not dist.is_available():
-        from flatlab.errors import FlatlabError
-
         raise FlatlabError("torchrun started several processes but this PyTorch build has no "
                            "torch.distributed")
     if str(device) == "auto":
@@ -306,6 +307,26 @@ def silence_other_ranks() -> Iterator[bool]:
     sink = io.StringIO()
     with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
         yield False
+
+
+@contextlib.contextmanager
+def hold_directory(path: str | os.PathLike) -> Iterator[None]:
+    """Hold :func:`flatlab.io.lock_directory` on ``path`` (rank 0, the writer) for the block.
+
+    A collective: when rank 0 is refused (another process holds the directory), every rank
+    raises a :class:`~flatlab.errors.FlatlabError` (rank 0's names the holder's pid), so no
+    rank waits for the others in a collective that never comes.
+    """
+    with contextlib.ExitStack() as held:
+        refused: FlatlabError | None = None
+        if is_main_process():
+            try:
+                held.enter_context(lock_directory(path))
+            except FlatlabError as err:
+                refused = err
+        if not all_ranks_true(refused is None):
+            raise refused or FlatlabError(f"{path}: rank 0 could not lock it")
+        yield
 
 
 # --------------------------------------------------------------------------- local launcher

@@ -3,8 +3,8 @@
 Library code raises :class:`FlatlabError` (a :class:`ValueError`, so ``except ValueError`` in a
 user's script catches it) for anything the *user* got wrong: bad arguments, missing or corrupt
 files, unknown names. Only the command-line tools turn it into one line on stderr and the exit
-status ``exit_code`` (2 for bad input, 3 for a diverged run), through :func:`run_cli`. Bugs
-stay tracebacks.
+status ``exit_code`` (2 for bad input, 3 for a diverged run, 143/130 for a run stopped by
+SIGTERM/SIGINT after saving its state), through :func:`run_cli`. Bugs stay tracebacks.
 """
 
 from __future__ import annotations
@@ -27,6 +27,15 @@ class DivergenceError(FlatlabError):
     """Training produced a NaN or infinite loss: exit status 3."""
 
     exit_code = 3
+
+
+class Interrupted(FlatlabError):
+    """Training stopped by a signal after saving its state: exit status 143 for SIGTERM and
+    SIGUSR1 (the preemption notices of SLURM, Kubernetes, spot instances), 130 for SIGINT."""
+
+    def __init__(self, message: str, exit_code: int = 143) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class ArgumentParser(argparse.ArgumentParser):

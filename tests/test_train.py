@@ -69,7 +69,9 @@ def test_cli_one_epoch_run_writes_the_three_files(tmp_path):
     run = tmp_path / "runs" / "a"
     assert "wrote runs/a/model.safetensors" in result.stdout
     assert {p.name for p in run.iterdir()} == {"model.safetensors", "metrics.csv",
-                                               "config.toml", "train_state.safetensors"}
+                                               "config.toml", "train_state.safetensors",
+                                               ".lock"}  # the writer's lock, released: empty
+    assert (run / ".lock").read_text() == ""
     columns, rows = read_metrics(run)
     assert tuple(columns) == METRICS_COLUMNS and len(rows) == 1
     row = rows[0]
@@ -164,12 +166,15 @@ def test_epoch_order_matches_distributed_sampler():
 
 def test_existing_run_is_not_overwritten(tmp_path):
     train(tiny_config(tmp_path / "run"), progress=False)
-    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()}
+    def files():  # the run's files (the refused process takes and releases DIR/.lock)
+        return {p.name: (p.read_bytes(), p.stat().st_mtime_ns)
+                for p in (tmp_path / "run").iterdir() if p.name != ".lock"}
+
+    before = files()
     code = run_cli(main, [*TINY, "--out", str(tmp_path / "run"), "--lr", "0.5"],
                    prog="flatlab.train")
     assert code == 2
-    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "run").iterdir()}
-    assert after == before
+    assert files() == before and len(before) == 4
 
 
 def test_default_out_dir_is_numbered_not_overwritten(tmp_path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ that every rank sees the global batch's numbers and takes the same branch afterw
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,20 +24,30 @@ from flatlab.training.build import Parts
 EVAL_BATCH_SIZE = 1024
 
 
+# the columns of a step's statistics (``StepOutcome.stats``)
+LOSS_SUM, CORRECT, COUNT, NON_FINITE, STOP = range(5)
+
+
 @dataclass(frozen=True)
 class StepOutcome:
-    """What one step did: global ``loss_sum``/``correct``/``count`` when every rank's loss was
-    finite, else ``problem`` ("loss is nan", ...); ``passes`` forward/backward on this rank."""
+    """What one step did, as tensors on the device (reading them would wait for the step).
 
-    loss_sum: float
-    correct: int
-    count: int
+    ``stats``: float64 ``[loss sum, correct, count, non-finite ranks, stop requests]`` of the
+    global batch (summed over processes; loss sum, correct and count are 0 on a rank whose loss
+    was not finite). ``bad_loss``: this rank's first non-finite loss of the step (0 if none).
+    ``passes``: forward/backward passes on this rank.
+    """
+
+    stats: Tensor
+    bad_loss: Tensor
     passes: int
-    problem: str | None
 
 
-def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str) -> StepOutcome:
-    """``optimizer.step(closure)`` on the model inputs ``x`` and labels ``y``.
+def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str,
+               stop: bool = False) -> StepOutcome:
+    """``optimizer.step(closure)`` on the model inputs ``x`` and labels ``y``; ``stop``: this
+    process asks every process to stop after this step (it travels in the statistics'
+    all-reduce, so all ranks learn it at the same step). No host synchronisation.
 
     With ``parts.scaler`` (fp16) the closure back-propagates the scaled loss and the scaler
     unscales, skips a step with inf/NaN gradients and adapts the scale: a perturbation optimizer
@@ -66,21 +77,31 @@ def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str) -> StepOut
         closure()
         scaler.step(parts.optimizer)
         scaler.update()
-    values = torch.stack(losses).cpu() if losses else torch.zeros(1)
-    finite = bool(torch.isfinite(values).all())
-    # [loss sum, correct, count, non-finite ranks] of the global batch
-    stats = torch.tensor([float(values[0]) * len(y) if finite else 0.0,
-                          float(first[0]) if first and finite else 0.0,
-                          float(len(y)) if finite else 0.0, 0.0 if finite else 1.0],
-                         dtype=torch.float64)
+    values = (torch.stack(losses) if losses
+              else torch.zeros(1, device=parts.device)).to(torch.float64)
+    finite = torch.isfinite(values)
+    all_finite = finite.all()
+    zero = values.new_zeros(())
+    correct = first[0].to(torch.float64) if first else zero
+    stats = torch.stack([torch.where(all_finite, values[0] * len(y), zero),
+                         torch.where(all_finite, correct, zero),
+                         all_finite.to(torch.float64) * len(y),
+                         (~all_finite).to(torch.float64),
+                         zero + float(stop)])
     if parts.world > 1:
-        stats = distributed.all_reduce_sum(stats.to(parts.device)).cpu()
-    problem = None
-    if stats[3] != 0:
-        problem = (f"loss is {float(values[~torch.isfinite(values)][0])}" if not finite
-                   else "loss is not finite on another process")
-    return StepOutcome(loss_sum=float(stats[0]), correct=round(float(stats[1])),
-                       count=round(float(stats[2])), passes=len(losses), problem=problem)
+        stats = distributed.all_reduce_sum(stats)
+    bad = values.gather(0, (~finite).to(torch.uint8).argmax().reshape(1))[0]
+    return StepOutcome(stats=stats, bad_loss=torch.where(all_finite, zero, bad),
+                       passes=len(losses))
+
+
+def describe_problem(non_finite: float, bad_loss: float) -> str | None:
+    """The message for a step's ``non_finite`` count and this rank's ``bad_loss``."""
+    if not non_finite:
+        return None
+    if not math.isfinite(bad_loss):
+        return f"loss is {bad_loss}"
+    return "loss is not finite on another process"
 
 
 Snapshot = tuple[list[Tensor], dict]

@@ -22,11 +22,22 @@ whenever validation accuracy improves (ties: lower validation loss).
 
 A NaN or infinite loss stops the run (:class:`~flatlab.errors.DivergenceError`, exit status 3)
 with the files of the last completed save left untouched; ``on_nan="skip"`` instead undoes that
-step (weights, buffers and optimizer state) and counts it in ``metrics.csv``.
+step (weights, buffers and optimizer state) and counts it in ``metrics.csv``. The statistics
+stay on the device (:mod:`.tally`): with ``on_nan="stop"`` the loop reads one step's flags
+after queueing the next, so no step waits for the GPU; ``"skip"`` must decide before the next
+step and reads every step's flags at once.
+
+One process writes a run directory at a time: ``DIR/.lock`` is held
+(:func:`flatlab.distributed.hold_directory`) from before the directory is read until the run
+ends; a second process is refused at once, naming the holder's pid. SIGTERM, SIGINT and SIGUSR1
+(:mod:`.preempt`) end the run after the current step with the full training state saved
+(:class:`~flatlab.errors.Interrupted`: exit 143, 130 for SIGINT); under torchrun the stop
+request travels in the step's statistics all-reduce, so every rank stops after the same step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +49,11 @@ from tqdm.auto import tqdm
 from flatlab import distributed
 from flatlab.augment import crop_flip
 from flatlab.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from flatlab.errors import DivergenceError
+from flatlab.errors import DivergenceError, Interrupted
 from flatlab.training import rundir
 from flatlab.training.build import build
 from flatlab.training.config import TrainConfig
+from flatlab.training.preempt import StopSignals
 from flatlab.training.rundir import (
     BEST_NAME,
     CONFIG_NAME,
@@ -52,7 +64,18 @@ from flatlab.training.rundir import (
 )
 from flatlab.training.schedule import batches_of, epoch_order
 from flatlab.training.state import EpochTotals, Progress, restore_train_state, save_train_state
-from flatlab.training.step import evaluate, snapshot, train_step, undo
+from flatlab.training.step import (
+    NON_FINITE,
+    STOP,
+    describe_problem,
+    evaluate,
+    snapshot,
+    train_step,
+    undo,
+)
+from flatlab.training.tally import Tally
+
+BAR_SECONDS = 1.0  # a progress bar on a terminal reads the device sums at most this often
 
 
 @dataclass
@@ -95,18 +118,37 @@ class Trainer:
         self.show_progress = progress
         self.out_dir = rundir.resolve_out_dir(config, resume)
         self.state_path = self.out_dir / STATE_NAME
-        saved = rundir.check_run_dir(self.out_dir, config, resume)
-        self.parts = build(config, fresh=saved is None, trust_code=trust_code,
-                           trust_pickle=trust_pickle)
-        report = self.parts.init_report
-        self.progress = Progress(init_from=report.metadata() if report is not None else None)
-        self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the last state save
-        if saved is not None:
-            self.progress = restore_train_state(saved, config, self.parts)
-            self.saved_at = (self.progress.epoch, self.progress.step)
+        self.signals = StopSignals()
+        self.held = contextlib.ExitStack()  # the directory lock, released when the run ends
+        try:
+            # an existing directory is held before it is read; a new one only once the input
+            # has been checked (bad input creates nothing)
+            locked = distributed.all_ranks_true(self.out_dir.is_dir())
+            if locked:
+                self.held.enter_context(distributed.hold_directory(self.out_dir))
+            saved = rundir.check_run_dir(self.out_dir, config, resume)
+            self.parts = build(config, fresh=saved is None, trust_code=trust_code,
+                               trust_pickle=trust_pickle)
+            report = self.parts.init_report
+            self.progress = Progress(init_from=report.metadata() if report is not None else None)
+            self.saved_at: tuple[int, int] | None = None  # (epoch, step) of the last state save
+            if saved is not None:
+                self.progress = restore_train_state(saved, config, self.parts)
+                self.saved_at = (self.progress.epoch, self.progress.step)
+            if not locked:
+                self.held.enter_context(distributed.hold_directory(self.out_dir))
+                rundir.check_run_dir(self.out_dir, config, resume)  # nobody started it meanwhile
+        except BaseException:
+            self.held.close()
+            raise
 
     def run(self) -> TrainResult:
-        """Train the remaining epochs; the files exist on every rank when it returns."""
+        """Train the remaining epochs; the files exist on every rank when it returns. A stop
+        signal ends it early with the state saved (:class:`~flatlab.errors.Interrupted`)."""
+        with self.held, self.signals.installed():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         fresh = self.saved_at is None
         distributed.barrier()  # every rank has checked the run directory before rank 0 writes
         if fresh:
@@ -158,39 +200,76 @@ class Trainer:
         c, p, at = self.config, self.parts, self.progress
         order = epoch_order(len(p.y_train), c.seed, at.epoch, rank=distributed.rank(),
                             world_size=p.world)
-        batches = batches_of(order, c.batch_size // p.world)
+        batches = batches_of(order.to(p.device), c.batch_size // p.world)
         started = time.perf_counter()
         bar = tqdm(total=len(batches), initial=at.batch, desc=f"epoch {at.epoch + 1}/"
                    f"{c.epochs}", leave=False, dynamic_ncols=True, file=sys.stderr,
                    disable=not (self.show_progress and distributed.is_main_process()
                                 and sys.stderr.isatty()))
         totals = at.partial
+        tally = Tally(totals, p.device, first_step=at.step - at.batch)
+        shown = time.perf_counter()
+        stop = False
         try:
-            while at.batch < len(batches):
+            while at.batch < len(batches) and not stop:
                 lr = p.optimizer.param_groups[0]["lr"]
-                self._step(batches[at.batch].to(p.device), totals)
+                flags = self._step(batches[at.batch], totals, tally)
                 totals.lr = lr
                 at.batch += 1
                 at.step += 1
                 p.scheduler.step()
-                if totals.count:
-                    seconds = totals.seconds + time.perf_counter() - started
-                    bar.set_postfix(loss=f"{totals.loss_sum / totals.count:.4f}",
-                                    acc=f"{totals.correct / totals.count:.3f}",
+                if flags is not None and flags[0]:  # the previous step's loss was not finite
+                    self._settle(tally, totals)
+                # one process: its own signal; several: any rank's, as all-reduced
+                stop = self.signals.requested if p.world == 1 else bool(flags and flags[1])
+                if not bar.disable and time.perf_counter() - shown > BAR_SECONDS:
+                    self._settle(tally, totals)
+                    shown = time.perf_counter()
+                    seconds = totals.seconds + shown - started
+                    bar.set_postfix(loss=f"{totals.loss_sum / max(totals.count, 1):.4f}",
+                                    acc=f"{totals.correct / max(totals.count, 1):.3f}",
                                     samples_s=f"{totals.count / max(seconds, 1e-9):.0f}",
                                     refresh=False)
                 bar.update(1)
-                if (c.save_every_steps and at.step % c.save_every_steps == 0
-                        and at.batch < len(batches)):
+                save = (c.save_every_steps and at.step % c.save_every_steps == 0) or stop
+                if save and at.batch < len(batches):
+                    stop = self._settle(tally, totals) or stop
                     self._clock(totals, started)
                     started = time.perf_counter()
                     self._save_state()
         finally:
             bar.close()
+        if at.batch < len(batches):
+            raise self._interrupted()
+        stop = self._settle(tally, totals) or stop
         if totals.skipped == len(batches):
             raise DivergenceError(f"every step of epoch {at.epoch + 1} had a non-finite loss "
                                   f"and was skipped; {self._last_good()}")
         self._end_epoch(totals, started)
+        if stop:
+            raise self._interrupted()
+
+    def _settle(self, tally: Tally, totals: EpochTotals) -> bool:
+        """Bring the device sums into ``totals``; raise :class:`DivergenceError` if a step had
+        a non-finite loss (nothing has been written since the last save). Returns whether any
+        process asked to stop (the same answer on every rank)."""
+        settled = tally.settle(totals)
+        if settled.non_finite:
+            at = self.progress
+            problem = describe_problem(settled.non_finite, settled.bad_loss)
+            raise DivergenceError(
+                f"{problem} at step {settled.bad_step} (epoch {at.epoch + 1}, batch "
+                f"{settled.bad_step - tally.first_step}); stopped. {self._last_good()} "
+                f"(or retry with --on-nan skip, a lower --lr)")
+        return bool(settled.stop) or (self.parts.world == 1 and self.signals.requested)
+
+    def _interrupted(self) -> Interrupted:
+        at = self.progress
+        return Interrupted(
+            f"stopped by {self.signals.name or 'a stop request on another process'} after step "
+            f"{at.step} (epoch {at.epoch + (at.batch > 0)}, batch {at.batch}); state saved in "
+            f"{self.state_path}; resume with: python -m flatlab.train --out {self.out_dir} "
+            f"--resume", exit_code=self.signals.exit_code)
 
     def _end_epoch(self, totals: EpochTotals, started: float) -> None:
         """Evaluate, append the epoch's row, write the files and the state."""
@@ -233,28 +312,31 @@ class Trainer:
         totals.seconds += now
         self.progress.elapsed += now
 
-    def _step(self, index: torch.Tensor, totals: EpochTotals) -> None:
-        """One optimizer step; a non-finite loss stops the run or (``on_nan="skip"``) is undone."""
+    def _step(self, index: torch.Tensor, totals: EpochTotals, tally: Tally
+              ) -> tuple[float, float] | None:
+        """One optimizer step; returns the (non-finite, stop) flags of a step the host may
+        read without waiting (the previous one; with ``on_nan="skip"`` this one, after undoing
+        it if its loss was not finite)."""
         p, at = self.parts, self.progress
-        saved = snapshot(p) if self.config.on_nan == "skip" else None
+        skip = self.config.on_nan == "skip"
+        saved = snapshot(p) if skip else None
         x = p.x_train[index]
         if p.augment is not None:
             x = crop_flip(x, p.augment)
         outcome = train_step(p, p.data.normalize(x), p.y_train[index],
-                             precision=self.config.precision)
+                             precision=self.config.precision, stop=self.signals.requested)
         at.grad_evals += outcome.passes
-        if outcome.problem is None:
-            totals.loss_sum += outcome.loss_sum
-            totals.correct += outcome.correct
-            totals.count += outcome.count
-            return
         if saved is None:
-            raise DivergenceError(
-                f"{outcome.problem} at step {at.step + 1} (epoch {at.epoch + 1}, batch "
-                f"{at.batch + 1}); stopped. {self._last_good()} "
-                f"(or retry with --on-nan skip, a lower --lr)")
-        undo(p, saved)
-        totals.skipped += 1
+            return tally.add(outcome, at.step + 1)
+        # skip: decide now (one read per step)
+        non_finite, stop, bad_loss = torch.stack(
+            [outcome.stats[NON_FINITE], outcome.stats[STOP], outcome.bad_loss]).tolist()
+        if describe_problem(non_finite, bad_loss) is None:
+            tally.add(outcome, at.step + 1, lagged=False)
+        else:
+            undo(p, saved)
+            totals.skipped += 1
+        return 0.0, stop
 
     # ---- files
     def _save_state(self) -> None:
