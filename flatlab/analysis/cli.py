@@ -18,6 +18,7 @@ from flatlab.analysis.options import CHECKPOINT_CHOICES, LANDSCAPES, TRACE_METHO
 from flatlab.analysis.outputs import write_outputs
 from flatlab.analysis.runner import analyze
 from flatlab.errors import ArgumentParser, FlatlabError, run_cli
+from flatlab.training.cli import parse_pair  # --model-arg/--dataset-arg: as train reads them
 
 PROG = "flatlab.analyze"
 
@@ -111,9 +112,25 @@ def build_parser() -> ArgumentParser:
     how.add_argument("--threads", type=_int_at_least(0, "--threads"), default=0,
                      help="CPU threads (default 0: one for models under 1M parameters, else "
                           "torch's default)")
-    how.add_argument("--data-dir", default=None)
-    how.add_argument("--trust-pickle", action="store_true",
-                     help="allow torch.save checkpoints (loaded with weights_only=True)")
+    given = p.add_argument_group("model and data (instead of the checkpoint's; a plain state "
+                                 "dict needs --model and --dataset)")
+    given.add_argument("--model", default=None, metavar="NAME",
+                       help="registry model or package.module:factory (naming it is consent "
+                            "to import it), e.g. timm:create_model")
+    given.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="model argument (repeatable, TOML value), e.g. "
+                            "model_name=\"resnet18\"")
+    given.add_argument("--dataset", default=None, metavar="NAME",
+                       help="data set name, folder, or package.module:factory")
+    given.add_argument("--dataset-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="data set argument (repeatable, TOML value), e.g. image_size=32")
+    given.add_argument("--data-dir", default=None,
+                       help="image folder (DIR/train|val|test/CLASS/*) or data directory; "
+                            "replaces the one a checkpoint recorded")
+    given.add_argument("--trust-code", action="store_true",
+                       help="allow importing a package.module:factory a checkpoint names")
+    given.add_argument("--trust-pickle", action="store_true",
+                       help="allow torch.save checkpoints (loaded with weights_only=True)")
     out = p.add_argument_group("output")
     out.add_argument("--out", default=None, metavar="DIR",
                      help="output directory (default: RUN/analysis for one run directory, "
@@ -139,7 +156,11 @@ def options_from_args(args, argv: Sequence[str]) -> AnalyzeOptions:
         interpolate=tuple(args.interpolate) if args.interpolate else None,
         paper_metrics=args.paper_metrics, paper_batch_size=args.paper_batch_size,
         checkpoint=args.checkpoint, device=args.device, threads=args.threads,
-        data_dir=args.data_dir, trust_pickle=args.trust_pickle, progress=not args.no_progress,
+        data_dir=args.data_dir, model=args.model,
+        model_kwargs=dict(parse_pair(pair, "--model-arg") for pair in args.model_arg),
+        dataset=args.dataset,
+        dataset_kwargs=dict(parse_pair(pair, "--dataset-arg") for pair in args.dataset_arg),
+        trust_code=args.trust_code, trust_pickle=args.trust_pickle, progress=not args.no_progress,
         command="python -m flatlab.analyze " + shlex.join(argv))
     if chosen:
         options.trace = args.trace

@@ -4,23 +4,34 @@ A checkpoint is given as a ``.safetensors`` file or a run directory (its ``model
 or ``best.safetensors`` with ``checkpoint="best"``). Its model and data set are rebuilt from the
 checkpoint's metadata; checkpoints on the same data set share one loaded copy. Names are the run
 directory's name (a loose file's stem), prefixed by parent directories where two would collide.
+
+The caller's ``options.model`` / ``options.dataset`` (``--model``, ``--dataset``) replace the
+file's specs; a plain state dict (a ``.safetensors`` file without flatlab metadata, or a
+``torch.save`` one with ``trust_pickle``) has none, so it needs both. A factory named there is the
+caller's own words (consent); one named only by a file needs ``options.trust_code``.
+
+Stored examples reach the model through ``Dataset.normalize`` (uint8 image folders: per-channel
+statistics; float data: the identity), batch by batch, in every evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import Tensor, nn
 
 from flatlab import distributed
 from flatlab.analysis.options import AnalyzeOptions
 from flatlab.checkpoint import CHECKPOINT_NAME, load_dataset_for, load_model, resolve_checkpoint
+from flatlab.checkpoint.files import sniff
+from flatlab.data import Dataset, load_dataset
 from flatlab.errors import FlatlabError
 from flatlab.runtime import resolve_device
 from flatlab.training.rundir import BEST_NAME, CONFIG_NAME, METRICS_NAME
@@ -39,13 +50,16 @@ class LoadedCheckpoint:
 
 
 class SubsetBatches:
-    """Re-iterable ``(x, y)`` batches of ``x[indices]``, ``y[indices]``, gathered one batch at a
-    time (memory: one batch), moved to ``device``."""
+    """Re-iterable ``(normalize(x[indices]), y[indices])`` batches, gathered one batch at a time
+    (memory: one batch), moved to ``device`` (stored dtype, e.g. uint8) and then normalised
+    there (``normalize``: ``Dataset.normalize``; ``None`` is the identity)."""
 
     def __init__(self, x: Tensor, y: Tensor, indices: Tensor, batch_size: int,
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu",
+                 normalize: Callable[[Tensor], Tensor] | None = None):
         self.x, self.y, self.indices = x, y, indices
         self.batch_size, self.device = batch_size, torch.device(device)
+        self.normalize = normalize
 
     def __len__(self) -> int:
         return math.ceil(len(self.indices) / self.batch_size)
@@ -56,13 +70,18 @@ class SubsetBatches:
 
     def shard(self) -> SubsetBatches:
         """This rank's share of the samples (under torchrun; all of them otherwise)."""
-        return SubsetBatches(self.x, self.y, distributed.shard(self.indices), self.batch_size,
-                             self.device)
+        return self.subset(distributed.shard(self.indices))
+
+    def subset(self, indices: Tensor) -> SubsetBatches:
+        """The same batches over other ``indices`` (into ``x``)."""
+        return SubsetBatches(self.x, self.y, indices, self.batch_size, self.device,
+                             self.normalize)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for start in range(0, len(self.indices), self.batch_size):
             idx = self.indices[start:start + self.batch_size]
-            yield self.x[idx].to(self.device), self.y[idx].to(self.device)
+            x = self.x[idx].to(self.device)
+            yield (x if self.normalize is None else self.normalize(x)), self.y[idx].to(self.device)
 
 
 def sample_indices(num_train: int, samples: int | None, seed: int) -> Tensor:
@@ -79,7 +98,8 @@ def analysis_batches(ck: LoadedCheckpoint, options: AnalyzeOptions) -> SubsetBat
     data = ck.dataset
     indices = sample_indices(len(data.y_train), options.samples, options.seed)
     device = next(ck.model.parameters()).device
-    return SubsetBatches(data.x_train, data.y_train, indices, options.batch_size, device)
+    return SubsetBatches(data.x_train, data.y_train, indices, options.batch_size, device,
+                         data.normalize)
 
 
 def resolve(path_or_run_dir: str | Path, which: str = "final") -> Path:
@@ -155,18 +175,84 @@ def load_checkpoints(checkpoints: Sequence[str | Path], options: AnalyzeOptions
             raise FlatlabError(f"checkpoint {str(path)!r} given twice ({seen[key]!r} and "
                                f"{str(given)!r})")
         seen[key] = str(given)
+    given = _given_dataset(options)
     datasets: dict[str, Any] = {}
     loaded = []
     for name, path in zip(unique_names(paths), paths, strict=True):
-        model, meta = load_model(path, device=device, trust_pickle=options.trust_pickle)
-        key = json.dumps(meta.get("dataset"), sort_keys=True)
-        if key not in datasets:
-            datasets[key] = load_dataset_for(meta, data_dir=options.data_dir)
+        plain = not has_flatlab_metadata(path)
+        if plain and (options.model is None or given is None):
+            raise FlatlabError(
+                f"{path} is a plain state dict (no flatlab metadata): name the model and the "
+                f"data it was trained for: --model NAME [--model-arg KEY=VALUE] --dataset NAME "
+                f"[--dataset-arg KEY=VALUE] [--data-dir DIR]")
+        data = given
+        if data is None:  # rebuilt from the file's metadata (read without the tensors)
+            spec = file_metadata(path).get("dataset")
+            key = json.dumps(spec, sort_keys=True)
+            if key not in datasets:
+                datasets[key] = load_dataset_for({"dataset": spec}, data_dir=options.data_dir,
+                                                 trust_code=options.trust_code)
+            data = datasets[key]
+        spec = _given_model_spec(options, data)
+        model, meta = load_model(path, device=device, trust_pickle=options.trust_pickle,
+                                 trust_code=options.trust_code, model_spec=spec)
+        # recorded in the results: the specs the checkpoint was analysed with
+        if spec is not None:
+            meta = {**meta, "model": {**(meta.get("model") or {}), **spec}}
+        if given is not None:
+            meta = {**meta, "dataset": data.spec}
         loaded.append(LoadedCheckpoint(name=name, path=path, run_dir=run_dir_of(path),
-                                       model=model, metadata=meta, dataset=datasets[key]))
+                                       model=model, metadata=meta, dataset=data))
     if options.interpolate is not None:
         interpolation_pair(loaded, options.interpolate)
     return loaded
+
+
+def has_flatlab_metadata(path: Path) -> bool:
+    """Whether ``path`` is a flatlab checkpoint (a safetensors file with a ``flatlab`` metadata
+    entry) rather than a plain state dict; reads the header only."""
+    return sniff(path) == "safetensors" and "flatlab" in _raw_metadata(path)
+
+
+def file_metadata(path: Path) -> dict:
+    """A flatlab checkpoint's metadata, from the header alone (validated later by
+    ``load_model``, before any tensor is used)."""
+    text = _raw_metadata(path).get("flatlab", "{}")
+    try:
+        meta = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise FlatlabError(f"{path}: metadata is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise FlatlabError(f"{path}: metadata must be a JSON object")
+    return meta
+
+
+def _raw_metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return fh.metadata() or {}
+    except Exception as err:  # the file's fault whatever the parser says
+        raise FlatlabError(f"{path} is a truncated or corrupted safetensors file ({err})") \
+            from None
+
+
+def _given_dataset(options: AnalyzeOptions) -> Dataset | None:
+    """The data set the caller names (``--dataset``: consent to its factory), or ``None``."""
+    if options.dataset is None:
+        return None
+    return load_dataset(options.dataset, data_dir=options.data_dir, trust_code=True,
+                        **options.dataset_kwargs)
+
+
+def _given_model_spec(options: AnalyzeOptions, data: Dataset) -> dict | None:
+    """The caller's model spec (``--model``, ``--model-arg``; the data's input shape and class
+    count), which replaces the file's key by key; ``None`` keeps the file's."""
+    if options.model is None:
+        return None
+    spec: dict[str, Any] = {"name": options.model}
+    if options.model_kwargs:
+        spec["kwargs"] = dict(options.model_kwargs)
+    return {**spec, "input_shape": list(data.input_shape), "num_classes": data.num_classes}
 
 
 def _find(loaded: Sequence[LoadedCheckpoint], ref: str) -> LoadedCheckpoint:

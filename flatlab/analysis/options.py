@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from flatlab import landscape
@@ -43,6 +43,11 @@ class AnalyzeOptions:
     device: str = "auto"
     threads: int = 0                     # CPU threads; 0: one for models under 1M parameters
     data_dir: str | None = None
+    model: str | None = None             # the caller's model (registry or factory name) ...
+    model_kwargs: dict[str, Any] = field(default_factory=dict)  # ... and its arguments
+    dataset: str | None = None           # the caller's data set (a plain state dict needs both)
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_code: bool = False             # import a factory named only by a checkpoint's metadata
     trust_pickle: bool = False
     progress: bool = True
     command: str | None = None           # recorded in analysis.json
@@ -84,6 +89,15 @@ class AnalyzeOptions:
         if self.bn == "recompute" and self.mode == "train":
             raise FlatlabError("--bn recompute needs --mode eval (train mode normalises with "
                                "batch statistics)")
+        for what in ("model", "dataset"):
+            name, kwargs = getattr(self, what), getattr(self, f"{what}_kwargs")
+            if name is not None and (not isinstance(name, str) or not name):
+                raise FlatlabError(f"{what} must be a name, got {name!r}")
+            if not isinstance(kwargs, dict):
+                raise FlatlabError(f"{what}_kwargs must be a dict, got {kwargs!r}")
+            if kwargs and name is None:
+                raise FlatlabError(f"--{what}-arg ({what}_kwargs) applies to the {what} named "
+                                   f"with --{what} ({what}=...): name it")
         if self.interpolate is not None and len(self.interpolate) != 2:
             raise FlatlabError(f"interpolate takes two checkpoints, got {self.interpolate!r}")
 

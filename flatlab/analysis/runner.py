@@ -188,9 +188,8 @@ def measure_paper(m: Measurement) -> dict[str, Any]:
         raise FlatlabError("--paper-metrics runs in one process (not under torchrun)")
     size = m.options.paper_batch_size
     whole = m.batches
-    parts = [whole] if size is None else [
-        SubsetBatches(whole.x, whole.y, chunk, whole.batch_size, whole.device)
-        for chunk in whole.indices.split(size)]
+    parts = [whole] if size is None else [whole.subset(chunk)
+                                          for chunk in whole.indices.split(size)]
     traces, eigens = [], []
     for part in parts:
         op = _paper_operator(m, part)
