@@ -194,15 +194,16 @@ def _main(args, options: AnalyzeOptions) -> int:
     if args.baseline is not None and args.baseline not in [ck.name for ck in loaded]:
         raise FlatlabError(f"--baseline {args.baseline!r} is not among the checkpoints; choose "
                            f"one of {', '.join(ck.name for ck in loaded)}")
-    analysis = analyze(loaded, options)
-    if distributed.is_main_process():
-        try:
-            path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
-        except OSError as err:  # full disk, no permission: each file is whole or untouched
-            raise FlatlabError(f"cannot write to {str(out_dir)!r}: {err.strerror or err}") \
-                from None
-        print(f"wrote {path}" + (f" and {out_dir / 'index.html'}" if report else ""))
-    distributed.barrier()
+    with distributed.hold_directory(out_dir):  # one writer per directory, for the whole run
+        analysis = analyze(loaded, options)
+        if distributed.is_main_process():
+            try:
+                path = write_outputs(analysis, out_dir, report=report, baseline=args.baseline)
+            except OSError as err:  # full disk, no permission: each file is whole or untouched
+                raise FlatlabError(f"cannot write to {str(out_dir)!r}: {err.strerror or err}") \
+                    from None
+            print(f"wrote {path}" + (f" and {out_dir / 'index.html'}" if report else ""))
+        distributed.barrier()
     return 0
 
 

@@ -1,6 +1,7 @@
 """``python -m flatlab.study PRESET [...]``: run a study preset.
 
     python -m flatlab.study scratch [--quick] [--jobs N] [--shard I/N] [--out DIR]
+    python -m flatlab.study transfer [--quick] [--jobs N] [--shard I/N] [--out DIR]
     python -m flatlab.study demo [--quick] [--epochs N] [--out DIR]
 
 A preset is a module with ``NAME``, ``DESCRIPTION``, ``configure(parser)`` (its flags) and
@@ -9,13 +10,17 @@ A preset is a module with ``NAME``, ``DESCRIPTION``, ``configure(parser)`` (its 
 
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
 
+from flatlab.distributed import hold_directory
 from flatlab.errors import ArgumentParser, run_cli
-from flatlab.study import demo, scratch
+from flatlab.study import demo, scratch, transfer
 
-PRESETS = {preset.NAME: preset for preset in (scratch, demo)}
+PRESETS = {preset.NAME: preset for preset in (scratch, transfer, demo)}
 
 
 def build_parser() -> ArgumentParser:
@@ -35,7 +40,22 @@ def build_parser() -> ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    return PRESETS[args.preset].run(args, argv[argv.index(args.preset) + 1:])
+    preset = PRESETS[args.preset]
+    with hold_directory(_held_directory(preset, args)):  # one writer per --out at a time
+        return preset.run(args, argv[argv.index(args.preset) + 1:])
+
+
+def _held_directory(preset: ModuleType, args: argparse.Namespace) -> Path:
+    """The preset's output directory (``--out`` or its default); with ``--shard I/N`` the
+    shard's own ``OUT/shards/I-of-N``, so the shards of one study run side by side."""
+    out = getattr(args, "out", None)
+    if out is None:
+        quick = getattr(args, "quick", False) and hasattr(preset, "QUICK_OUT")
+        out = preset.QUICK_OUT if quick else preset.DEFAULT_OUT
+    shard = getattr(args, "shard", None)
+    if shard is not None:
+        return Path(out) / "shards" / f"{shard.index}-of-{shard.count}"
+    return Path(out)
 
 
 if __name__ == "__main__":

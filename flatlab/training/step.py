@@ -44,10 +44,11 @@ class StepOutcome:
 
 
 def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str,
-               stop: bool = False) -> StepOutcome:
-    """``optimizer.step(closure)`` on the model inputs ``x`` and labels ``y``; ``stop``: this
-    process asks every process to stop after this step (it travels in the statistics'
-    all-reduce, so all ranks learn it at the same step). No host synchronisation.
+               stop: Callable[[], bool] | None = None) -> StepOutcome:
+    """``optimizer.step(closure)`` on the model inputs ``x`` and labels ``y``. ``stop``, asked
+    once the passes are done: whether this process asks every process to stop (the answer
+    travels in the statistics' all-reduce, so all ranks learn it at the same step). No host
+    synchronisation.
 
     With ``parts.scaler`` (fp16) the closure back-propagates the scaled loss and the scaler
     unscales, skips a step with inf/NaN gradients and adapts the scale: a perturbation optimizer
@@ -87,7 +88,7 @@ def train_step(parts: Parts, x: Tensor, y: Tensor, *, precision: str,
                          torch.where(all_finite, correct, zero),
                          all_finite.to(torch.float64) * len(y),
                          (~all_finite).to(torch.float64),
-                         zero + float(stop)])
+                         zero + float(stop is not None and stop())])
     if parts.world > 1:
         stats = distributed.all_reduce_sum(stats)
     bad = values.gather(0, (~finite).to(torch.uint8).argmax().reshape(1))[0]

@@ -324,7 +324,8 @@ class Trainer:
         if p.augment is not None:
             x = crop_flip(x, p.augment)
         outcome = train_step(p, p.data.normalize(x), p.y_train[index],
-                             precision=self.config.precision, stop=self.signals.requested)
+                             precision=self.config.precision,
+                             stop=lambda: self.signals.requested)
         at.grad_evals += outcome.passes
         if saved is None:
             return tally.add(outcome, at.step + 1)
