@@ -137,6 +137,8 @@ def parse_pair(pair: str, flag: str) -> tuple[str, Any]:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         value = text  # a bare word is a string
+    except RecursionError:
+        raise FlatlabError(f"{flag} {key}=...: the value is nested too deeply") from None
     return key, value
 
 

@@ -188,6 +188,8 @@ class DeclaredConfig:
             values = tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise FlatlabError(f"{source}: invalid TOML ({err})") from None
+        except RecursionError:  # tomllib recurses once per level of [[[...]]] or {a = {...}}
+            raise FlatlabError(f"{source}: invalid TOML (nested too deeply)") from None
         return cls.from_dict(values, source=source, base=base)
 
     def to_toml(self, *, comment: str = "") -> str:
