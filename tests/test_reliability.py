@@ -208,3 +208,37 @@ def test_the_training_loop_reads_one_lagged_flag_pair_per_step(monkeypatch, tmp_
     short = _reads_in_one_epoch(monkeypatch, tmp_path, 256, **changes)
     long = _reads_in_one_epoch(monkeypatch, tmp_path, 512, **changes)
     assert (long - short) == 16 * per_step, (short, long)
+
+
+def _resume_with_a_file_size_limit(run_dir: str, limit: int) -> tuple[int, str]:
+    """In a spawned rank: resume ``run_dir`` to 2 epochs under ``ulimit -f`` (in bytes)."""
+    import contextlib
+    import io
+
+    _file_size_limit(limit)()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = run_cli(main, ["--out", run_dir, "--resume", "--epochs", "2", "--no-progress"],
+                       prog="flatlab.train")
+    return code, err.getvalue()
+
+
+def test_a_failed_write_under_two_processes_stops_every_rank_with_exit_2(tmp_path):
+    """Rank 0 cannot write the checkpoint of epoch 2: both ranks end with one line and exit 2
+    (rank 1 does not wait in the next collective for a rank that has stopped)."""
+    from flatlab import distributed
+
+    run_dir = tmp_path / "run"
+    assert main([*TINY, "--epochs", "1", "--out", str(run_dir)]) == 0
+    before = _files(run_dir)
+    limit = (run_dir / "model.safetensors").stat().st_size - 64
+    results = distributed.spawn(_resume_with_a_file_size_limit, 2,
+                                args=(str(run_dir), limit), timeout=120)
+    assert [code for code, _ in results] == [2, 2], results
+    assert "cannot write" in results[0][1] and "rank 0 could not write" in results[1][1]
+    for _, err in results:
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    after = _files(run_dir)
+    assert {k: after[k] for k in ("model.safetensors", "train_state.safetensors")} == {
+        k: before[k] for k in ("model.safetensors", "train_state.safetensors")}
+    assert not list(run_dir.glob(".*.tmp"))

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +50,7 @@ from tqdm.auto import tqdm
 from flatlab import distributed
 from flatlab.augment import crop_flip
 from flatlab.checkpoint import CHECKPOINT_NAME, save_checkpoint
-from flatlab.errors import DivergenceError, Interrupted
+from flatlab.errors import DivergenceError, FlatlabError, Interrupted
 from flatlab.training import rundir
 from flatlab.training.build import build
 from flatlab.training.config import TrainConfig
@@ -155,9 +156,7 @@ class Trainer:
             if distributed.is_main_process():
                 self.out_dir.mkdir(parents=True, exist_ok=True)
             self._save_state()  # step 0: from here on --resume always has something to load
-        if distributed.is_main_process():
-            rundir.remove_stale_temp_files(self.out_dir)
-            rundir.write_config(self.out_dir, self.config)
+        self._written(self._write_config)
         say(self._headline())
         if self.parts.init_report is not None:
             say(self._init_line())
@@ -166,7 +165,8 @@ class Trainer:
         while self.progress.epoch < self.config.epochs:
             self._train_epoch()
         if not fresh and self.progress.metrics:
-            self._write_outputs()  # idempotent: a kill after the last state save loses nothing
+            self._written(self._write_outputs)  # idempotent: a kill after the last state save
+            # loses nothing
         last = self.progress.metrics[-1] if self.progress.metrics else {}
         say(f"done: test accuracy {100 * last.get('test_acc', float('nan')):.2f}% after "
             f"{self.config.epochs} epochs in {self.progress.elapsed:.1f} s\n"
@@ -293,11 +293,10 @@ class Trainer:
         at.epoch += 1
         at.batch = 0
         at.partial = EpochTotals()
-        self._write_outputs()
-        if c.keep == "best" and val is not None and _better(val, at.best):
+        best = c.keep == "best" and val is not None and _better(val, at.best)
+        if best:
             at.best = {"epoch": at.epoch, "val_acc": val[1], "val_loss": val[0]}
-            if distributed.is_main_process():
-                save_checkpoint(self.out_dir / BEST_NAME, p.module, self._metadata())
+        self._written(lambda: self._write_outputs(best=best))
         self._save_state()
         say(f"epoch {row['epoch']:>3}/{c.epochs}  train loss {row['train_loss']:.4f} "
             f"acc {100 * row['train_acc']:.2f}%  test loss {test_loss:.4f} "
@@ -340,16 +339,38 @@ class Trainer:
         return 0.0, stop
 
     # ---- files
+    def _written(self, write: Callable[[], None]) -> None:
+        """``write()`` on every rank (rank 0 writes). A failed write (disk full, file-size
+        limit: a :class:`~flatlab.io.WriteError`, the previous file intact) raises a one-line
+        error on every rank, so that no rank waits in a collective for one that has stopped."""
+        failed: FlatlabError | None = None
+        try:
+            write()
+        except FlatlabError as err:
+            failed = err
+        if not distributed.all_ranks_true(failed is None):
+            raise failed or FlatlabError(f"rank 0 could not write to {self.out_dir}; stopped")
+
     def _save_state(self) -> None:
-        save_train_state(self.state_path, self.config, self.parts, self.progress)
+        self._written(lambda: save_train_state(self.state_path, self.config, self.parts,
+                                               self.progress))
         self.saved_at = (self.progress.epoch, self.progress.step)
 
-    def _write_outputs(self) -> None:
+    def _write_config(self) -> None:
+        if distributed.is_main_process():
+            rundir.remove_stale_temp_files(self.out_dir)
+            rundir.write_config(self.out_dir, self.config)
+
+    def _write_outputs(self, best: bool = False) -> None:
+        """``metrics.csv`` and ``model.safetensors`` (and with ``best``, ``best.safetensors``)."""
         if not distributed.is_main_process():
             return
         columns = METRICS_COLUMNS + (VAL_COLUMNS if self.parts.x_val is not None else ())
         rundir.write_metrics(self.out_dir, self.progress.metrics, columns)
-        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.parts.module, self._metadata())
+        metadata = self._metadata()
+        save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.parts.module, metadata)
+        if best:
+            save_checkpoint(self.out_dir / BEST_NAME, self.parts.module, metadata)
 
     def _metadata(self) -> dict:
         """The checkpoint's metadata: what rebuilds model and data, and how they were trained."""
