@@ -278,6 +278,21 @@ def test_code_named_in_a_saved_state_needs_consent(tmp_path, monkeypatch, capsys
     assert cli([*resume, "--trust-code"], capsys)[0] == 0
 
 
+def test_a_factory_in_your_own_config_file_is_consent(tmp_path, monkeypatch, capsys):
+    """``--config FILE`` is the user's own words: a factory it names is imported, for a fresh
+    run and for a resume that passes the same file; a resume without it needs --trust-code."""
+    (tmp_path / "my_models.py").write_text(FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_models", raising=False)
+    own = tmp_path / "mine.toml"
+    own.write_text('dataset = "synthetic"\nmodel = "my_models:linear"\nepochs = 1\n')
+    run = ["--out", str(tmp_path / "a")]
+    assert cli(["--config", str(own), *run], capsys)[0] == 0
+    assert cli(["--config", str(own), *run, "--resume", "--epochs", "2"], capsys)[0] == 0
+    code, out = cli([*run, "--resume", "--epochs", "3"], capsys)
+    assert code == 2 and "would import module 'my_models'" in out.err
+
+
 # --------------------------------------------------------------------------- an image folder
 
 def _image_folder(root: Path, per_class: dict[str, int]) -> None:
