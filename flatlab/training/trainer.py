@@ -223,7 +223,7 @@ class Trainer:
                 # one process: its own signal; several: any rank's, as all-reduced
                 stop = self.signals.requested if p.world == 1 else bool(flags and flags[1])
                 if not bar.disable and time.perf_counter() - shown > BAR_SECONDS:
-                    self._settle(tally, totals)
+                    tally.settle(totals)  # rank 0 alone: numbers only, no decision
                     shown = time.perf_counter()
                     seconds = totals.seconds + shown - started
                     bar.set_postfix(loss=f"{totals.loss_sum / max(totals.count, 1):.4f}",
