@@ -336,10 +336,12 @@ def test_two_process_training_reduces_gradients_once_per_step(two_process_traini
     steps = 96 // 16
     for rank in two_process_training:
         sizes = rank[name]["reduce_sizes"]
-        # per step: the gradient reduce(s) of the perturbation optimizer and one 4-number
-        # reduce of the step's loss statistics; nothing else (no DDP bucket reduces)
+        # per step: the gradient reduce(s) of the perturbation optimizer and one 5-number
+        # reduce of the step's statistics (loss sum, correct, count, non-finite, stop); nothing
+        # else (no DDP bucket reduces). Per run, not per step: six 1-number agreements (the
+        # directory lock: 2; one per write: state at step 0, config, epoch-end files, state)
         assert sorted(sizes) == sorted([params + tensors] * gradient_reduces * steps
-                                       + [4] * steps)
+                                       + [5] * steps + [1] * 6)
 
 
 def test_the_global_batch_must_split_evenly_over_processes(two_process_training):
@@ -408,7 +410,7 @@ def test_torchrun_command_line(tmp_path):
     assert proc.stdout.count("flatlab.train: synthetic") == 1  # rank 0 alone prints
     assert "cpu x 2 processes" in proc.stdout
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
-        "config.toml", "metrics.csv", "model.safetensors", "train_state.safetensors"]
+        ".lock", "config.toml", "metrics.csv", "model.safetensors", "train_state.safetensors"]
     assert main([*flags, "--out", str(tmp_path / "one")]) == 0
     two = _checkpoint_weights(tmp_path / "two")["weights"]
     for key, value in _checkpoint_weights(tmp_path / "one")["weights"].items():

@@ -77,7 +77,20 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, straight, 
     assert main(["--out", str(run_dir), "--resume", "--no-progress", "--trust-code"]) == 0
     expected, resumed = _weights(straight), _weights(run_dir)
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
-    assert (run_dir / "metrics.csv").read_text() .count("\n") == 3  # header + 2 epochs
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+
+
+def test_a_signal_in_the_last_step_of_an_epoch_stops_after_that_epoch(tmp_path, straight):
+    run_dir = tmp_path / "run"
+    proc = _run([*RUN, "--out", str(run_dir)], PROBE_SIGNAL="*:32:SIGTERM")  # step 16 of 16
+    assert proc.returncode == 143, proc.stderr
+    assert "stopped by SIGTERM after step 16 (the end of epoch 1)" in proc.stderr
+    state = load_state(run_dir / "train_state.safetensors")
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 0, 16)
+    assert (run_dir / "metrics.csv").read_text().count("\n") == 2  # the epoch's row is written
+    assert main(["--out", str(run_dir), "--resume", "--no-progress", "--trust-code"]) == 0
+    expected, resumed = _weights(straight), _weights(run_dir)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
 def test_a_storm_of_signals_during_the_save_corrupts_nothing(tmp_path):

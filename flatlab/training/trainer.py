@@ -265,11 +265,13 @@ class Trainer:
 
     def _interrupted(self) -> Interrupted:
         at = self.progress
+        where = (f"epoch {at.epoch + 1}, batch {at.batch}" if at.batch else
+                 f"the end of epoch {at.epoch}")
         return Interrupted(
             f"stopped by {self.signals.name or 'a stop request on another process'} after step "
-            f"{at.step} (epoch {at.epoch + (at.batch > 0)}, batch {at.batch}); state saved in "
-            f"{self.state_path}; resume with: python -m flatlab.train --out {self.out_dir} "
-            f"--resume", exit_code=self.signals.exit_code)
+            f"{at.step} ({where}); state saved in {self.state_path}; resume with: "
+            f"python -m flatlab.train --out {self.out_dir} --resume",
+            exit_code=self.signals.exit_code)
 
     def _end_epoch(self, totals: EpochTotals, started: float) -> None:
         """Evaluate, append the epoch's row, write the files and the state."""
