@@ -4,6 +4,7 @@ training loop's host reads per step."""
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import signal
@@ -242,3 +243,53 @@ def test_a_failed_write_under_two_processes_stops_every_rank_with_exit_2(tmp_pat
     assert {k: after[k] for k in ("model.safetensors", "train_state.safetensors")} == {
         k: before[k] for k in ("model.safetensors", "train_state.safetensors")}
     assert not list(run_dir.glob(".*.tmp"))
+
+
+# --------------------------------------------------------------------------- consent
+
+
+@pytest.fixture
+def marker_module(tmp_path, monkeypatch):
+    """A module whose import writes ``imported``; yields that path."""
+    (tmp_path / "consent_marker.py").write_text(
+        f"open({str(tmp_path / 'imported')!r}, 'w').write('x')\n"
+        "def make(*args, **kwargs):\n    raise RuntimeError('called')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield tmp_path / "imported"
+    assert "consent_marker" not in sys.modules
+    sys.modules.pop("consent_marker", None)
+
+
+def test_init_from_a_checkpoint_naming_code_imports_nothing(tmp_path, marker_module, capsys):
+    """``train --init-from FILE`` takes tensors only: the metadata's model and dataset
+    factories are never imported."""
+    from safetensors.torch import save_file
+
+    from flatlab.models import build_model
+
+    weights = build_model("mlp", (20,), 4, hidden=[8]).state_dict()
+    hostile = tmp_path / "hostile.safetensors"
+    save_file(weights, str(hostile), metadata={"flatlab": json.dumps({
+        "format_version": 1, "model": {"name": "consent_marker:make", "kwargs": {}},
+        "dataset": {"name": "consent_marker:make", "kwargs": {}}})})
+    code = run_cli(main, ["--dataset", "synthetic", "--model", "mlp", "--model-arg",
+                          "hidden=[8]", "--epochs", "1", "--no-progress", "--init-from",
+                          str(hostile), "--out", str(tmp_path / "r")], prog="flatlab.train")
+    assert code == 0, capsys.readouterr().err
+    assert not marker_module.exists()
+
+
+def test_a_study_run_directory_naming_code_is_refused_without_an_import(tmp_path, marker_module):
+    """A study reuses a run directory only if its config.toml is the plan's: one that names
+    code is another configuration, refused before anything is built."""
+    from flatlab.errors import FlatlabError
+    from flatlab.study.runner import train_or_resume
+
+    plan = TrainConfig(dataset="synthetic", model="mlp", model_kwargs={"hidden": [8]},
+                       epochs=1, out=str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.toml").write_text(
+        TrainConfig(dataset="synthetic", model="consent_marker:make", epochs=1).to_toml())
+    with pytest.raises(FlatlabError, match="different configuration"):
+        train_or_resume(plan, progress=False)
+    assert not marker_module.exists()
