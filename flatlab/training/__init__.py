@@ -3,7 +3,8 @@
 =================  ==========================================================================
 ``config``         :class:`TrainConfig`: every hyperparameter declared once (``fields``)
 ``trainer``        :func:`train`, the loop (``build``: the parts; ``step``: one step;
-                   ``state``: resume; ``rundir``: the run directory's files)
+                   ``tally``: the epoch's sums on the device; ``state``: resume;
+                   ``preempt``: SIGTERM/SIGINT/SIGUSR1; ``rundir``: the run directory's files)
 ``schedule``       data order per epoch and the learning-rate factor per step
 ``cli``            the parser generated from the declarations, :func:`main`
 =================  ==========================================================================
