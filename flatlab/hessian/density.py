@@ -100,15 +100,11 @@ def _lanczos_runs(op: Any, starts: Tensor, steps: int, full: bool,
         w = product(op, vectors[alive, current])
         used += len(alive)
         for i, r in enumerate(alive):
-            if full:
-                coefficients, beta = orthogonalize(vectors[r, :j + 1], w[i])
-                alpha = float(coefficients[j])
-            else:
-                if j > 0:
-                    w[i].add_(vectors[r, 1 - current], alpha=-float(betas[r, j - 1]))
-                alpha = float(dots(vectors[r, current, None], w[i])[0])
-                w[i].add_(vectors[r, current], alpha=-alpha)
-                beta = norm(w[i])
+            if j > 0:
+                w[i].add_(vectors[r, (j - 1) % depth], alpha=-float(betas[r, j - 1]))
+            alpha = float(dots(vectors[r, current, None], w[i])[0])
+            w[i].add_(vectors[r, current], alpha=-alpha)
+            beta = orthogonalize(vectors[r, :j + 1], w[i]) if full else norm(w[i])
             alphas[r, j] = alpha
             if j == steps - 1:
                 continue
@@ -116,7 +112,7 @@ def _lanczos_runs(op: Any, starts: Tensor, steps: int, full: bool,
                 lengths[r] = j + 1  # invariant Krylov space: this run is exact and stops
                 continue
             betas[r, j] = beta
-            vectors[r, (j + 1) % depth] = w[i] / beta
+            torch.mul(w[i], 1.0 / beta, out=vectors[r, (j + 1) % depth])
         alive = [r for r in alive if lengths[r] == steps]
         del w
         if not alive:

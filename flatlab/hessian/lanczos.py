@@ -61,6 +61,7 @@ from flatlab.errors import FlatlabError
 from flatlab.hessian._common import check_operator, generator
 from flatlab.hessian._krylov import (
     combine_rows,
+    dots,
     gaussian_row,
     norm,
     orthogonalize,
@@ -198,8 +199,12 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
         n = projection.size + 1  # the basis vector just added is number n
         w = product(op, basis[n - 1])
         used += 1
-        coefficients, beta = orthogonalize(basis[:n], w)
-        projection.diagonal.append(float(coefficients[n - 1]))
+        alpha = float(dots(basis[n - 1, None], w)[0])
+        w.add_(basis[n - 1], alpha=-alpha)
+        if projection.diagonal:  # the three-term recurrence; after a restart GS does it
+            w.add_(basis[n - 2], alpha=-projection.offdiagonal[-1])
+        beta = orthogonalize(basis[:n], w)
+        projection.diagonal.append(alpha)
         theta, vectors = projection.eigh()
         wanted = np.arange(n)[::-1][:k] if largest else np.arange(n)[:k][::-1]
         scale = float(np.abs(theta).max())
@@ -232,11 +237,11 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
             # invariant subspace: the rest of the spectrum lives in its orthogonal complement
             # (repeated eigenvalues, small P); continue from a fresh direction there
             w = gaussian_row(size, gen, basis)
-            _, beta = orthogonalize(basis[:n], w)
+            beta = orthogonalize(basis[:n], w)
             broken = True
         if broken:
             fresh[-1] = 1.0
-        basis[n] = w / beta
+        torch.mul(w, 1.0 / beta, out=basis[n])
         del w
     # the wanted Ritz vectors, unit rows of a fresh (k, P) tensor; the basis is freed first
     eigenvectors = torch.empty(k, size, dtype=op.dtype, device=basis.device)

@@ -65,8 +65,8 @@ from flatlab.hessian._krylov import (
     orthonormalize_rows,
     pack_signs,
     product,
+    project_out,
     resolve_basis_device,
-    subtract,
     unpack_signs,
 )
 
@@ -107,23 +107,23 @@ def _mean_and_stderr(values: Tensor) -> tuple[float, float]:
 
 
 def _probe_blocks(size: int, count: int, block_size: int, gen: torch.Generator,
-                  device: torch.device) -> Iterator[Tensor]:
-    """``count`` Rademacher probes as float64 ``(P, b)`` blocks of ``block_size`` columns,
-    drawn :data:`DRAW` columns at a time (as ``rademacher(P, 8, gen)``), so the probes do not
-    depend on ``block_size``."""
-    group, taken, drawn = torch.zeros(size, 0, dtype=torch.int8), 0, 0
+                  dtype: torch.dtype, device: torch.device) -> Iterator[Tensor]:
+    """``count`` Rademacher probes as ``(P, b)`` blocks of ``block_size`` columns, drawn
+    :data:`DRAW` columns at a time (as ``rademacher(P, 8, gen)``; kept bit-packed), so the
+    probes do not depend on ``block_size``."""
+    packed, taken, drawn = torch.zeros(0, 0, dtype=torch.uint8), 0, 0
     for width in block_sizes(count, block_size):
         pieces = []
         while width:
-            if taken == group.shape[1]:
+            if taken == packed.shape[1]:
                 columns = min(DRAW, count - drawn)
-                group = torch.randint(0, 2, (size, columns), generator=gen, dtype=torch.int8)
+                packed = pack_signs(torch.randint(0, 2, (size, columns), generator=gen,
+                                                  dtype=torch.int8))
                 taken, drawn = 0, drawn + columns
-            step = min(width, group.shape[1] - taken)
-            pieces.append(group[:, taken:taken + step])
+            step = min(width, packed.shape[1] - taken)
+            pieces.append(unpack_signs(packed, size, slice(taken, taken + step), dtype, device))
             taken, width = taken + step, width - step
-        signs = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        yield signs.to(device=device, dtype=torch.float64) * 2.0 - 1.0
+        yield pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
 
 def _hutchinson_samples(op: Any, count: int, block_size: int, gen: torch.Generator,
@@ -131,7 +131,7 @@ def _hutchinson_samples(op: Any, count: int, block_size: int, gen: torch.Generat
     """Values ``z_i^T H z_i`` (``(count,)``) and their per-slice parts (``(len(slices),
     count)``), one block of float64 probes at a time."""
     totals, parts = [], []
-    for probes in _probe_blocks(op.size, count, block_size, gen, op.device):
+    for probes in _probe_blocks(op.size, count, block_size, gen, torch.float64, op.device):
         products = apply(op, probes).mul_(probes)
         del probes
         totals.append(products.sum(dim=0).cpu())
@@ -149,13 +149,13 @@ def _projected_samples(op: Any, count: int, block_size: int, gen: torch.Generato
     totals = torch.zeros(count, dtype=torch.float64)
     parts = torch.zeros(len(slices), count, dtype=torch.float64)
     done = 0
-    for block in _probe_blocks(op.size, count, block_size, gen, op.device):
-        probes = block.T.to(basis.device, basis.dtype)
+    for block in _probe_blocks(op.size, count, block_size, gen, basis.dtype, basis.device):
+        probes = block.T.contiguous()
         width = probes.shape[0]
         del block
         for row in probes:
             for _ in range(2):
-                subtract(row, basis, dots(basis, row))
+                project_out(basis, row)
         products = product(op, probes)
         for i in range(width):
             pieces = torch.stack([dots(probes[i, None, sl], products[i, sl])[0]
@@ -177,8 +177,9 @@ def _sketch(op: Any, size: int, block_size: int, gen: torch.Generator, fill: tor
     rows = torch.empty(size, op.size, dtype=op.dtype, device=device)
     start = 0
     for width in block_sizes(size, block_size):
-        block = unpack_signs(packed, op.size, slice(start, start + width), device)
-        rows[start:start + width] = product(op, block.T.to(op.dtype))
+        block = unpack_signs(packed, op.size, slice(start, start + width), op.dtype, device)
+        rows[start:start + width] = product(op, block.T)
+        del block
         start += width
     del packed
     orthonormalize_rows(rows, fill)
