@@ -21,9 +21,10 @@ from torch import Tensor
 
 from flatlab import distributed
 from flatlab.checkpoint import save_state
+from flatlab.data import Dataset
 from flatlab.training.build import Parts
 from flatlab.training.config import TrainConfig
-from flatlab.training.rundir import STATE_KIND
+from flatlab.training.rundir import STATE_KIND, VAL_COLUMNS
 
 
 @dataclass
@@ -51,6 +52,23 @@ class Progress:
     partial: EpochTotals = field(default_factory=EpochTotals)
     best: dict | None = None       # {"epoch", "val_acc", "val_loss"} of best.safetensors
     init_from: dict | None = None  # the checkpoint metadata entry of --init-from
+
+
+def checkpoint_metadata(config: TrainConfig, data: Dataset, progress: Progress,
+                        run_name: str) -> dict:
+    """A checkpoint's metadata: what rebuilds model and data, and how they were trained."""
+    last = progress.metrics[-1] if progress.metrics else {}
+    return {
+        "model": {"name": config.model, "kwargs": config.model_kwargs,
+                  "input_shape": list(data.input_shape), "num_classes": data.num_classes},
+        "dataset": data.spec,
+        "optimizer": {"name": config.optimizer, "kwargs": config.record()},
+        "epoch": progress.epoch, "step": progress.step, "grad_evals": progress.grad_evals,
+        "metrics": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss", "test_acc")
+                    + (VAL_COLUMNS if "val_loss" in last else ())},
+        "seed": config.seed, "run_name": run_name,
+        **({"init_from": progress.init_from} if progress.init_from is not None else {}),
+    }
 
 
 def save_train_state(path: Path, config: TrainConfig, parts: Parts, progress: Progress) -> None:

@@ -64,7 +64,13 @@ from flatlab.training.rundir import (
     VAL_COLUMNS,
 )
 from flatlab.training.schedule import batches_of, epoch_order
-from flatlab.training.state import EpochTotals, Progress, restore_train_state, save_train_state
+from flatlab.training.state import (
+    EpochTotals,
+    Progress,
+    checkpoint_metadata,
+    restore_train_state,
+    save_train_state,
+)
 from flatlab.training.step import (
     NON_FINITE,
     STOP,
@@ -369,27 +375,11 @@ class Trainer:
             return
         columns = METRICS_COLUMNS + (VAL_COLUMNS if self.parts.x_val is not None else ())
         rundir.write_metrics(self.out_dir, self.progress.metrics, columns)
-        metadata = self._metadata()
+        metadata = checkpoint_metadata(self.config, self.parts.data, self.progress,
+                                       self.out_dir.name)
         save_checkpoint(self.out_dir / CHECKPOINT_NAME, self.parts.module, metadata)
         if best:
             save_checkpoint(self.out_dir / BEST_NAME, self.parts.module, metadata)
-
-    def _metadata(self) -> dict:
-        """The checkpoint's metadata: what rebuilds model and data, and how they were trained."""
-        c, data, at = self.config, self.parts.data, self.progress
-        last = at.metrics[-1] if at.metrics else {}
-        return {
-            "model": {"name": c.model, "kwargs": c.model_kwargs,
-                      "input_shape": list(data.input_shape), "num_classes": data.num_classes},
-            "dataset": data.spec,
-            "optimizer": {"name": c.optimizer, "kwargs": c.record()},
-            "epoch": at.epoch, "step": at.step, "grad_evals": at.grad_evals,
-            "metrics": {k: last.get(k) for k in ("train_loss", "train_acc", "test_loss",
-                                                 "test_acc")
-                        + (VAL_COLUMNS if "val_loss" in last else ())},
-            "seed": c.seed, "run_name": self.out_dir.name,
-            **({"init_from": at.init_from} if at.init_from is not None else {}),
-        }
 
     def _last_good(self) -> str:
         if self.saved_at is None or self.saved_at[1] == 0:
