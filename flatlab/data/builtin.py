@@ -49,9 +49,14 @@ Arrays = tuple[Tensor, Tensor, Tensor, Tensor, int]
 
 
 def _mnist1d(*, seed: int, data_dir: Any, num_samples: int = 5000, train_split: float = 0.8,
-             shuffle_seq: bool = False, generation_seed: int = 42) -> Arrays:
+             shuffle_seq: bool = False, generation_seed: int = 42, classes: Any = None,
+             train_size: Any = None) -> Arrays:
     """MNIST-1D (Greydanus 2020) as the package generates it; ``generation_seed=42`` and the
-    defaults give the standard 4000/1000 benchmark split, whatever ``seed`` is."""
+    defaults give the standard 4000/1000 benchmark split, whatever ``seed`` is.
+
+    ``classes`` (e.g. ``[5, 6, 7, 8, 9]``) keeps those classes in both splits, relabelled
+    ``0..len(classes)-1`` in the order given; ``train_size`` then keeps the first that many
+    training examples (the generated order is already random). Standardised afterwards."""
     args = {"num_samples": int(num_samples), "train_split": float(train_split),
             "shuffle_seq": bool(shuffle_seq), "seed": int(generation_seed)}
     if args["num_samples"] < 20 or not 0.0 < args["train_split"] < 1.0:
@@ -68,9 +73,39 @@ def _mnist1d(*, seed: int, data_dir: Any, num_samples: int = 5000, train_split: 
             pass  # an unwritable cache only costs the next run two seconds
     x, y = arrays["x"].astype(np.float32), arrays["y"].astype(np.int64)
     x_test, y_test = arrays["x_test"].astype(np.float32), arrays["y_test"].astype(np.int64)
+    x, y, x_test, y_test, num_classes = class_subset(x, y, x_test, y_test, 10, classes,
+                                                     train_size)
     mean, std = x.mean(), x.std()
     return (_tensor((x - mean) / std), torch.from_numpy(y),
-            _tensor((x_test - mean) / std), torch.from_numpy(y_test), 10)
+            _tensor((x_test - mean) / std), torch.from_numpy(y_test), num_classes)
+
+
+def class_subset(x: np.ndarray, y: np.ndarray, x_test: np.ndarray, y_test: np.ndarray,
+                 num_classes: int, classes: Any = None, train_size: Any = None
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Keep ``classes`` (relabelled ``0..len-1`` in the order given) in both splits, then the
+    first ``train_size`` training examples; ``None`` keeps everything."""
+    if classes is not None:
+        if (not isinstance(classes, list | tuple) or not classes
+                or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes)
+                or len(set(classes)) != len(classes)
+                or not all(0 <= c < num_classes for c in classes)):
+            raise FlatlabError(f"classes must be a list of distinct class indices in "
+                               f"[0, {num_classes}), got {classes!r}")
+        relabel = np.full(num_classes, -1, dtype=np.int64)
+        relabel[list(classes)] = np.arange(len(classes))
+        keep, keep_test = relabel[y] >= 0, relabel[y_test] >= 0
+        x, y = x[keep], relabel[y[keep]]
+        x_test, y_test = x_test[keep_test], relabel[y_test[keep_test]]
+        num_classes = len(classes)
+    if train_size is not None:
+        if isinstance(train_size, bool) or not isinstance(train_size, int) or train_size < 1:
+            raise FlatlabError(f"train_size must be a positive integer, got {train_size!r}")
+        if train_size > len(y):
+            raise FlatlabError(f"train_size {train_size} exceeds the {len(y)} training "
+                               f"examples")
+        x, y = x[:train_size], y[:train_size]
+    return x, y, x_test, y_test, num_classes
 
 
 def _generate_mnist1d(args: dict) -> dict[str, np.ndarray]:
@@ -103,8 +138,10 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     return arrays
 
 
-def _digits(*, seed: int, data_dir: Any, test_size: int = 360) -> Arrays:
-    """scikit-learn's 1797 8x8 digits; a stratified split seeded by ``seed`` (1437/360)."""
+def _digits(*, seed: int, data_dir: Any, test_size: int = 360, classes: Any = None,
+            train_size: Any = None) -> Arrays:
+    """scikit-learn's 1797 8x8 digits; a stratified split seeded by ``seed`` (1437/360).
+    ``classes`` and ``train_size`` select as for mnist1d (:func:`class_subset`)."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -115,9 +152,11 @@ def _digits(*, seed: int, data_dir: Any, test_size: int = 360) -> Arrays:
         raise FlatlabError(f"digits test_size must be in [10, {len(y) - 10}], got {test_size}")
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=int(test_size), stratify=y, random_state=seed)
+    x_train, y_train, x_test, y_test, num_classes = class_subset(
+        x_train, y_train, x_test, y_test, 10, classes, train_size)
     mean, std = x_train.mean(), x_train.std()
     return (_tensor((x_train - mean) / std), torch.from_numpy(y_train),
-            _tensor((x_test - mean) / std), torch.from_numpy(y_test), 10)
+            _tensor((x_test - mean) / std), torch.from_numpy(y_test), num_classes)
 
 
 def _cifar10(*, seed: int, data_dir: Any) -> Arrays:

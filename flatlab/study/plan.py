@@ -51,7 +51,7 @@ DEFAULT_NOISE = {"nso": "absolute", "rwp": "filter"}  # the library's defaults
 # Version of the optimizers' noise stream for a given seed. Bump it when flatlab.optim draws
 # different noise for the same seed (e.g. a salt mixed into the noise seed): from 2 on it
 # enters the key of every noise-using run, so their cached results are not reused.
-NOISE_STREAM_VERSION = 1
+NOISE_STREAM_VERSION = 2  # 2: NSO/RWP noise seeds are salted (noise_generator)
 _KEY_IGNORES = frozenset({"out", "device", "threads"})  # where and how fast, not what
 
 
@@ -81,6 +81,8 @@ class Setting:
     epochs: int
     dataset_kwargs: dict = field(default_factory=dict)
     model_kwargs: dict = field(default_factory=dict)
+    train_args: dict = field(default_factory=dict)  # TrainConfig fields for this setting only
+                                                    # (init_from, a chosen lr, ...)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,15 @@ class StudyConfig:
     eigen_tol: float = 1e-4
     landscape: tuple[str, ...] = ("1d",)
     analysis_seed: int = 0
+    # Further TrainConfig fields shared by every run (base_optimizer, base_kwargs, keep, ...);
+    # a ``step_every`` here is in epochs of an E-epoch run and stretches with the run's epochs.
+    train_args: dict = field(default_factory=dict)
+    sweep_seeds: tuple[int, ...] = ()   # seeds of the sweep runs (default: (sweep_seed,))
+    final_validation: bool = False      # final runs hold out the validation split too
+
+    @property
+    def sweep_seed_list(self) -> tuple[int, ...]:
+        return self.sweep_seeds or (self.sweep_seed,)
 
 
 def passes_per_step(optimizer: str, num_perturbs: int | None = None) -> int:
@@ -214,14 +225,21 @@ def train_config(study: StudyConfig, setting: Setting, variant: Variant, seed: i
     if validation:
         dataset_kwargs.update(validation_fraction=study.validation_fraction,
                               validation_seed=study.validation_seed)
-    config = TrainConfig(
+    fields = dict(
         dataset=setting.dataset, dataset_kwargs=dataset_kwargs, model=setting.model,
         model_kwargs=dict(setting.model_kwargs), optimizer=variant.method.optimizer,
         num_perturbs=variant.method.num_perturbs, epochs=variant.epochs,
         batch_size=study.batch_size, lr=study.lr, momentum=study.momentum,
-        weight_decay=study.weight_decay, schedule=study.schedule, seed=seed, device="cpu",
-        **variant.method.train_args, **{k: float(v) for k, v in hyper.items()})
-    return config.validate().to_dict()
+        weight_decay=study.weight_decay, schedule=study.schedule, seed=seed, device="cpu")
+    # later wins: the study's shared fields, the setting's, the method's, the swept value
+    fields.update(study.train_args)
+    fields.update(setting.train_args)
+    fields.update(variant.method.train_args)
+    fields.update({k: float(v) for k, v in hyper.items()})
+    if fields.get("step_every"):  # the step schedule stretches with the run, as cosine does
+        fields["step_every"] = max(1, round(fields["step_every"] * variant.epochs
+                                            / setting.epochs))
+    return TrainConfig(**fields).validate().to_dict()
 
 
 def analysis_fields(study: StudyConfig) -> dict:
@@ -233,8 +251,8 @@ def analysis_fields(study: StudyConfig) -> dict:
 
 
 def sweep_runs(study: StudyConfig) -> list[RunSpec]:
-    """Seed-``sweep_seed`` runs on the validation split, one per swept method x value, at E
-    epochs (methods sharing a sweep, such as NSO k=1 and k=2, are swept once)."""
+    """Runs on the validation split, one per swept method x value x sweep seed, at E epochs
+    (methods sharing a sweep, such as NSO k=1 and k=2, are swept once)."""
     runs = []
     for setting in study.settings:
         done: set[str] = set()
@@ -246,9 +264,10 @@ def sweep_runs(study: StudyConfig) -> list[RunSpec]:
             arg, values = study.sweep[name]
             for value in values:
                 hyper = {arg: value}
-                runs.append(RunSpec("sweep", setting, variant, study.sweep_seed, hyper,
-                                    train_config(study, setting, variant, study.sweep_seed,
-                                                 hyper, validation=True), None))
+                for seed in study.sweep_seed_list:
+                    runs.append(RunSpec("sweep", setting, variant, seed, hyper,
+                                        train_config(study, setting, variant, seed, hyper,
+                                                     validation=True), None))
     return runs
 
 
@@ -262,7 +281,8 @@ def final_runs(study: StudyConfig, chosen: dict[tuple[str, str], dict]) -> list[
             for seed in study.seeds:
                 runs.append(RunSpec("final", setting, variant, seed, hyper,
                                     train_config(study, setting, variant, seed, hyper,
-                                                 validation=False), analysis_fields(study)))
+                                                 validation=study.final_validation),
+                                    analysis_fields(study)))
     return runs
 
 

@@ -29,8 +29,10 @@ from flatlab.study.plan import (
 from flatlab.study.runner import ANALYSIS_DIR, RESULTS_CSV, planned_rows, write_csv
 from flatlab.study.statistics import (
     ALPHA,
+    HIGHER_IS_BETTER,
     QUANTITY_NAMES,
     compare,
+    is_accuracy,
     scorecard,
     select_hyperparameters,
     summarize,
@@ -88,14 +90,14 @@ def results_table(summary: pd.DataFrame, setting: str) -> pd.DataFrame:
 def _change_text(quantity: str, value: float) -> str:
     if value is None or not math.isfinite(value):
         return "n/a"
-    return f"{value:+.2f} pts" if quantity == "test_acc" else f"{100 * value:+.1f}%"
+    return f"{value:+.2f} pts" if is_accuracy(quantity) else f"{100 * value:+.1f}%"
 
 
 def _ci_text(quantity: str, low: float, high: float, reference: float) -> str:
     """The CI of the raw difference in the units of the change column."""
     if not (math.isfinite(low) and math.isfinite(high)):
         return ""
-    if quantity == "test_acc":
+    if is_accuracy(quantity):
         return f"[{100 * low:+.2f}, {100 * high:+.2f}]"
     if not math.isfinite(reference) or reference == 0:
         return ""
@@ -129,7 +131,7 @@ def comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
             "t (df), p vs SAM": _t_text(r.get("vs_sam_t", math.nan),
                                         r.get("vs_sam_df", math.nan),
                                         r.get("vs_sam_p", math.nan)),
-            "paper": PAPER[q]})
+            "paper": PAPER.get(q, "")})
     return pd.DataFrame(rows)
 
 
@@ -143,7 +145,7 @@ def verdict(comparison: pd.DataFrame, alpha: float = ALPHA) -> tuple[list[str], 
     for prefix, against in (("", "the best baseline"), ("vs_sam_", "SAM")):
         if f"{prefix}p" not in rows:
             continue
-        sign = np.where(rows["quantity"] == "test_acc", 1.0, -1.0)
+        sign = np.where(rows["quantity"].map(HIGHER_IS_BETTER), 1.0, -1.0)
         significant = rows[f"{prefix}p"] < alpha
         better = significant & (sign * rows[f"{prefix}diff"] > 0)
         worse = significant & (sign * rows[f"{prefix}diff"] < 0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import multiprocessing
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -173,20 +174,19 @@ def _read_csv(path: Path) -> pd.DataFrame:
         raise FlatlabError(f"cannot read {path} ({err}); move it away to start afresh") from None
 
 
-def read_results(out: Path) -> pd.DataFrame:
+def read_results(out: Path, columns: Sequence[str] = RESULT_COLUMNS) -> pd.DataFrame:
     """``results.csv`` and every shard's results as one table (one row per key, first wins)."""
     paths = [out / RESULTS_CSV, *sorted((out / SHARDS_DIR).glob("results-*-of-*.csv"))]
     frames = [_read_csv(path) for path in paths if path.is_file()]
     if not frames:
-        return pd.DataFrame(columns=list(RESULT_COLUMNS))
+        return pd.DataFrame(columns=list(columns))
     rows = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     rows = rows.drop_duplicates("key", keep="first").reset_index(drop=True)
     # columns added later, filled for rows written before them
     for column, default in (("noise", rows["optimizer"].map(DEFAULT_NOISE)),
                             ("sweep", rows["optimizer"])):
         rows[column] = rows[column].fillna(default) if column in rows else default
-    return rows[[c for c in RESULT_COLUMNS if c in rows] + [c for c in rows
-                                                           if c not in RESULT_COLUMNS]]
+    return rows[[c for c in columns if c in rows] + [c for c in rows if c not in columns]]
 
 
 def write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -210,10 +210,14 @@ def pool_map(function: Callable[..., Any], items: Sequence[Item], *args: Any,
 
 
 def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int = 1,
-            shard: Shard | None = None, say: Callable[[str], None] = print) -> pd.DataFrame:
+            shard: Shard | None = None, say: Callable[[str], None] = print,
+            execute: Callable[[RunSpec, Path, Path], dict] = execute,
+            columns: Sequence[str] = RESULT_COLUMNS) -> pd.DataFrame:
     """Run what the results lack (by key), and with ``shard`` only the shard's part, appending
-    each row as it finishes; return every known row (all shards')."""
-    results = read_results(out)
+    each row as it finishes; return every known row (all shards'). ``execute(run, runs_dir,
+    out) -> row`` (a module-level function, for the process pool) and the results' ``columns``
+    are the scratch study's unless a preset measures something else."""
+    results = read_results(out, columns)
     have = set(results["key"].astype(str))
     mine = shard.select(runs) if shard else list(runs)
     todo = [run for run in mine if run.key not in have]
@@ -233,9 +237,9 @@ def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int = 1
     for i, (run, row) in enumerate(pool_map(execute, todo, runs_dir, out, jobs=jobs), 1):
         own.append(row)
         new.append(row)
-        write_csv(pd.DataFrame(own, columns=list(RESULT_COLUMNS)), target)
+        write_csv(pd.DataFrame(own, columns=list(columns)), target)
         say(f"[{i}/{len(todo)}] {describe(run, row)}")
-    frame = pd.DataFrame(results.to_dict("records") + new, columns=list(RESULT_COLUMNS))
+    frame = pd.DataFrame(results.to_dict("records") + new, columns=list(columns))
     return frame.astype({"key": str})
 
 
@@ -256,6 +260,8 @@ def describe(run: RunSpec, row: dict) -> str:
     text = (f"{row['eval_split']} acc {100 * row['test_acc']:.2f}%, {row['grad_evals']} passes, "
             f"train {row['train_seconds']:.1f} s")
     if row.get("trace") is not None:
-        text += (f"; trace {row['trace']:.4g} ± {row['trace_stderr']:.2g}, "
-                 f"λ1 {row['lambda_1']:.4g}, analysis {row['analysis_seconds']:.1f} s")
+        text += f"; trace {row['trace']:.4g} ± {row.get('trace_stderr', math.nan):.2g}"
+        if row.get("lambda_1") is not None:
+            text += f", λ1 {row['lambda_1']:.4g}"
+        text += f", analysis {row['analysis_seconds']:.1f} s"
     return head + text

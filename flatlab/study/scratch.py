@@ -5,7 +5,8 @@ networks from scratch on CPU-sized real data?
 
 Settings (all offline): MNIST-1D with an MLP and with a 1-D CNN, scikit-learn digits with a
 small 2-D CNN. Methods: SGD, SAM, ASAM, RWP, NSO with k = 1 and NSO with k = 2 (k=2 uses the σ
-chosen for k=1), each at E epochs and at the gradient budget of SAM at E epochs (see
+chosen for k=1), NSO k=1 with filter-relative noise (its own σ sweep), each at E epochs and at
+the gradient budget of SAM at E epochs (see
 :mod:`flatlab.study.plan`). Learning rate 0.05 (cosine), momentum 0.9, weight decay 5e-4,
 batch 128 shared; ρ and σ swept per setting on a validation split with seed 0 (grids in
 :data:`SWEEP`); final runs with seeds 0, 1, 2; trace (Hutch++, 100 products) and λ1 (Lanczos)
@@ -42,12 +43,18 @@ METHODS: tuple[Method, ...] = (
     Method("sgd", "sgd"), Method("sam", "sam"), Method("asam", "asam"), Method("rwp", "rwp"),
     Method("nso k=1", "nso", 1, baseline=False), Method("nso k=2", "nso", 2, baseline=False),
 )
+# NSO with RWP's filter-relative noise, swept on its own grid (the committed study's 7th arm)
+NSO_FILTER = Method("nso-filter k=1", "nso", 1, baseline=False, sweep="nso-filter",
+                    train_args={"noise": "filter"})
 SWEEP: dict[str, tuple[str, tuple[float, ...]]] = {
     # SAM/ASAM grids were widened twice where the sweep kept choosing an edge value
     "sam": ("rho", (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)),
     "asam": ("rho", (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)),
     "rwp": ("sigma", (0.01, 0.02, 0.05, 0.1)),   # filter-relative noise (RWP's default)
-    "nso": ("sigma", (0.01, 0.02, 0.05, 0.1)),   # absolute noise (NSO's default)
+    # geometric, ratio <= 1.5 (sigma^2/2 tr H: x2.25 per step at most)
+    "nso": ("sigma", (0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.045, 0.0675, 0.1)),  # absolute
+    "nso-filter": ("sigma", (0.002, 0.003, 0.0045, 0.00675, 0.01, 0.015, 0.0225, 0.034,
+                             0.05)),   # filter-relative: std sigma x ||filter||
 }
 SETTINGS = (Setting("mnist1d-mlp", "mnist1d", "mlp", epochs=60),
             Setting("mnist1d-cnn1d", "mnist1d", "cnn1d", epochs=60),
@@ -57,7 +64,7 @@ SETTINGS = (Setting("mnist1d-mlp", "mnist1d", "mlp", epochs=60),
 def full_config(seeds: int = 3) -> StudyConfig:
     """The committed study: about 10 minutes on 2 idle CPU cores with ``--jobs 2``."""
     return StudyConfig(settings=SETTINGS, seeds=tuple(range(seeds)), sweep=SWEEP,
-                       methods=METHODS)
+                       methods=(*METHODS, NSO_FILTER))
 
 
 def quick_config(seeds: int = 1) -> StudyConfig:

@@ -18,7 +18,7 @@ not 2, to be significant at 5%.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,10 @@ from scipy import stats
 from flatlab.study.plan import BUDGETS, DEFAULT_NOISE
 
 QUANTITIES = ("test_acc", "trace", "lambda_1")
-HIGHER_IS_BETTER = {"test_acc": True, "trace": False, "lambda_1": False}
+# every quantity a study compares (the transfer study's too): which direction is better
+HIGHER_IS_BETTER = {"test_acc": True, "trace": False, "lambda_1": False,
+                    "test_acc_best": True, "test_acc_last": True, "lambda1": False,
+                    "trace_paper": False, "lambda_paper": False, "norm_trace": False}
 ALPHA = 0.05
 
 
@@ -110,28 +113,36 @@ def seed_difference(a: Mapping[int, float], b: Mapping[int, float],
 
 def select_hyperparameters(rows: pd.DataFrame) -> tuple[dict[tuple[str, str], dict],
                                                          pd.DataFrame]:
-    """Per setting and sweep, the value with the highest validation accuracy (ties: lower
-    validation loss, then the smaller value). Returns the choices and the sweep table."""
+    """Per setting and sweep, the value with the highest validation accuracy averaged over the
+    sweep seeds (ties: lower mean validation loss, then the smaller value). Returns the choices
+    and the sweep table (one row per value; ``seeds``: how many runs the means average)."""
     sweep = rows[(rows["phase"] == "sweep") & (rows["status"] == "ok")].copy()
     if "sweep" not in sweep:  # rows from before sweeps were named: the optimizer's sweep
         sweep["sweep"] = sweep["optimizer"]
     sweep["sweep"] = sweep["sweep"].fillna(sweep["optimizer"])
+    for column in ("test_acc", "test_loss", "hyper_value"):
+        sweep[column] = pd.to_numeric(sweep[column], errors="coerce")
+    table = (sweep.groupby(["setting", "sweep", "hyperparameter", "hyper_value", "epochs"],
+                           sort=False)
+             .agg(val_acc=("test_acc", "mean"), val_loss=("test_loss", "mean"),
+                  seeds=("test_acc", "size")).reset_index())
     chosen: dict[tuple[str, str], dict] = {}
-    sweep["chosen"] = False
-    for (setting, name), group in sweep.groupby(["setting", "sweep"], sort=False):
-        best = group.sort_values(["test_acc", "test_loss", "hyper_value"],
+    table["chosen"] = False
+    for (setting, name), group in table.groupby(["setting", "sweep"], sort=False):
+        best = group.sort_values(["val_acc", "val_loss", "hyper_value"],
                                  ascending=[False, True, True]).iloc[0]
         chosen[(setting, name)] = {str(best["hyperparameter"]): float(best["hyper_value"])}
-        sweep.loc[best.name, "chosen"] = True
-    table = sweep[["setting", "sweep", "hyperparameter", "hyper_value", "epochs",
-                   "test_acc", "test_loss", "chosen"]].rename(
-        columns={"sweep": "optimizer", "test_acc": "val_acc", "test_loss": "val_loss"})
+        table.loc[best.name, "chosen"] = True
+    table = table[["setting", "sweep", "hyperparameter", "hyper_value", "epochs", "val_acc",
+                   "val_loss", "seeds", "chosen"]].rename(columns={"sweep": "optimizer"})
     return chosen, table.reset_index(drop=True)
 
 
-def summarize(rows: pd.DataFrame) -> pd.DataFrame:
-    """One row per (setting, variant) of the final runs: n, mean and sample std (ddof=1) of
-    test accuracy, trace and top eigenvalue over seeds; budgets and hyperparameters."""
+def summarize(rows: pd.DataFrame, quantities: Sequence[str] = (
+        *QUANTITIES, "train_loss", "analysis_loss", "trace_stderr")) -> pd.DataFrame:
+    """One row per (setting, variant) of the final runs: n, mean and sample std (ddof=1) over
+    seeds of each of ``quantities`` (default: test accuracy, trace, top eigenvalue, losses);
+    budgets and hyperparameters."""
     final = rows[(rows["phase"] == "final") & (rows["status"] == "ok")]
     out = []
     for (setting, variant), group in final.groupby(["setting", "variant"], sort=False):
@@ -142,12 +153,13 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
                "epochs": int(first["epochs"]), "passes_per_step": int(first["passes_per_step"]),
                "grad_evals": float(group["grad_evals"].mean()), "n": len(group),
                "seeds": " ".join(str(int(s)) for s in sorted(group["seed"]))}
-        for q in (*QUANTITIES, "train_loss", "analysis_loss", "trace_stderr"):
+        for q in quantities:
             values = pd.to_numeric(group[q], errors="coerce").to_numpy(dtype=float)
             row[f"{q}_mean"] = float(np.mean(values))
             row[f"{q}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
-        row["lambda_1_unconverged"] = int((group["lambda_1_converged"].astype(str)
-                                           .str.lower() == "false").sum())
+        if "lambda_1_converged" in group:
+            row["lambda_1_unconverged"] = int((group["lambda_1_converged"].astype(str)
+                                               .str.lower() == "false").sum())
         out.append(row)
     return pd.DataFrame(out)
 
@@ -162,10 +174,15 @@ def hyper_text(row: Mapping) -> str:
     return f"{arg}={float(value):g}" + (f" ({noise})" if noise else "")
 
 
+def is_accuracy(quantity: str) -> bool:
+    """Accuracies (``test_acc``, ``test_acc_best``, ...) change in percentage points."""
+    return quantity.startswith("test_acc")
+
+
 def change(quantity: str, value: float, reference: float) -> float:
     """NSO's change against a reference: accuracy in percentage points, the rest relative,
     ``(value - reference) / |reference|``."""
-    if quantity == "test_acc":
+    if is_accuracy(quantity):
         return 100.0 * (value - reference)
     if reference == 0 or not math.isfinite(reference):
         return math.nan
@@ -188,7 +205,8 @@ def _test_columns(prefix: str, diff: Difference) -> dict:
             f"{prefix}ci_high": diff.ci_high}
 
 
-def compare(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+def compare(summary: pd.DataFrame, rows: pd.DataFrame,
+            quantities: Sequence[str] = QUANTITIES) -> pd.DataFrame:
     """NSO variants against the best baseline (by mean; see :data:`HIGHER_IS_BETTER`) and
     against SAM, per setting and budget group, each with its paired t test over seeds (columns
     ``t, df, p, ci_low, ci_high`` of the raw difference NSO − baseline, and the same with the
@@ -205,7 +223,7 @@ def compare(summary: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
                 continue
             sam = baselines[baselines["optimizer"] == "sam"]
             for _, nso in nsos.iterrows():
-                for q in QUANTITIES:
+                for q in quantities:
                     means = baselines[f"{q}_mean"]
                     best = baselines.loc[means.idxmax() if HIGHER_IS_BETTER[q] else means.idxmin()]
                     ours = _per_seed(final, setting, nso["variant"], q)
@@ -257,4 +275,8 @@ def scorecard(comparison: pd.DataFrame, alpha: float = ALPHA) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-QUANTITY_NAMES = {"test_acc": "test acc", "trace": "trace", "lambda_1": "λ1"}
+QUANTITY_NAMES = {"test_acc": "test acc", "trace": "trace", "lambda_1": "λ1",
+                  "test_acc_best": "test acc (best-val ckpt)",
+                  "test_acc_last": "test acc (last epoch)", "lambda1": "λ1 (full Hessian)",
+                  "trace_paper": "trace_paper (conv+head)",
+                  "lambda_paper": "λ_paper (per-layer power it.)", "norm_trace": "norm trace"}
