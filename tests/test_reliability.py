@@ -65,6 +65,7 @@ def _one_line(proc: subprocess.CompletedProcess | tuple, code: int) -> str:
 # --------------------------------------------------------------------------- one writer
 
 
+@pytest.mark.slow
 def test_a_second_train_or_resume_of_a_running_run_exits_2_naming_the_holder(tmp_path):
     run_dir, gate = tmp_path / "run", tmp_path / "gate"
     gate.mkdir()
@@ -140,6 +141,7 @@ def two_epochs(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("fails", ["config.toml", "model.safetensors",
                                    "train_state.safetensors"])
+@pytest.mark.slow
 def test_a_failed_write_exits_2_and_the_previous_state_resumes(tmp_path, two_epochs, fails):
     run_dir = tmp_path / "run"
     assert main([*TINY, "--epochs", "1", "--out", str(run_dir)]) == 0
@@ -224,6 +226,7 @@ def _resume_with_a_file_size_limit(run_dir: str, limit: int) -> tuple[int, str]:
     return code, err.getvalue()
 
 
+@pytest.mark.slow
 def test_a_failed_write_under_two_processes_stops_every_rank_with_exit_2(tmp_path):
     """Rank 0 cannot write the checkpoint of epoch 2: both ranks end with one line and exit 2
     (rank 1 does not wait in the next collective for a rank that has stopped)."""

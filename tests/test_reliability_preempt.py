@@ -67,6 +67,7 @@ def _assert_stopped_mid_epoch(proc, run_dir: Path, code: int) -> dict:
     return state
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name, code", [("SIGTERM", 143), ("SIGINT", 130), ("SIGUSR1", 143)])
 def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, straight, name, code):
     run_dir = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_identical(tmp_path, straight, 
     assert (run_dir / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
 
 
+@pytest.mark.slow
 def test_a_signal_in_the_last_step_of_an_epoch_stops_after_that_epoch(tmp_path, straight):
     run_dir = tmp_path / "run"
     proc = _run([*RUN, "--out", str(run_dir)], PROBE_SIGNAL="*:32:SIGTERM")  # step 16 of 16
@@ -93,6 +95,7 @@ def test_a_signal_in_the_last_step_of_an_epoch_stops_after_that_epoch(tmp_path, 
     assert all(torch.equal(expected[k], resumed[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_a_storm_of_signals_during_the_save_corrupts_nothing(tmp_path):
     """From the first SIGTERM on, SIGTERM and SIGINT arrive again and again while the state
     file is being written (a 4 MB ballast buffer makes the write take a while)."""
@@ -133,6 +136,7 @@ def _straight_interrupted_resumed(two: list[str], straight: str, run_dir: str) -
     return codes
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_and_resume_bit_identically(tmp_path, monkeypatch):
     """Only rank 1 is signalled; rank 0 learns it through the step statistics' all-reduce and
     both stop after the same step, rank 0 saving the state."""
