@@ -23,16 +23,6 @@ README = ROOT / "README.md"
 DOC_FILES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 MAX_README_LINES = 250
 
-# Documented ahead of the code while the restructuring (issue 10) lands this session; the lead
-# clears these once the modules / flags exist. Nothing else may be listed here.
-PENDING_MODULES = {
-    "flatlab",        # python -m flatlab (flatlab/__main__.py with train, analyze, study, demo)
-    "flatlab.study",  # python -m flatlab.study scratch, replacing benchmarks/flatness_study.py
-}
-PENDING_FLAGS = {
-    "flatlab.analyze": {"--version"},  # issue 10: both CLIs get --version
-}
-
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 MODULE = re.compile(r"-m\s+(flatlab(?:\.\w+)*)")
@@ -109,8 +99,6 @@ def test_the_module_pattern_finds_the_clis():
 
 @pytest.mark.parametrize("module", _modules())
 def test_documented_modules_can_be_run(module):
-    if module in PENDING_MODULES:
-        pytest.skip(f"{module}: documented ahead of issue 10 (PENDING_MODULES)")
     spec = importlib.util.find_spec(module)
     assert spec is not None, f"python -m {module}: no such module"
     if spec.submodule_search_locations is not None:  # a package runs its __main__
@@ -143,7 +131,7 @@ def test_cli_doc_flags_exist(module):
     assert module in sections, f"docs/cli.md has no section for {module}"
     documented = set(FLAG.findall(sections[module]))
     assert len(documented) > 10, documented
-    known = _help_flags(module) | PENDING_FLAGS.get(module, set())
+    known = _help_flags(module)
     assert not documented - known, f"docs/cli.md names flags {module} lacks: " \
                                    f"{sorted(documented - known)}"
 
