@@ -131,7 +131,7 @@ def comparison_table(comparison: pd.DataFrame) -> pd.DataFrame:
             "t (df), p vs SAM": _t_text(r.get("vs_sam_t", math.nan),
                                         r.get("vs_sam_df", math.nan),
                                         r.get("vs_sam_p", math.nan)),
-            "paper": PAPER.get(q, "")})
+            "paper": r["paper"] if isinstance(r.get("paper"), str) else PAPER.get(q, "")})
     return pd.DataFrame(rows)
 
 

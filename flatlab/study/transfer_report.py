@@ -18,7 +18,15 @@ from flatlab.reporting.page import BulletList, Code, Figure, Heading, Page, Para
 from flatlab.study.report import comparison_table, scorecard, verdict
 from flatlab.study.runner import RESULTS_CSV, planned_rows, write_csv
 from flatlab.study.statistics import compare, select_hyperparameters, summarize
-from flatlab.study.transfer import LEARNING_RATES, PROTOCOL, TITLE, VALIDATION
+from flatlab.study.transfer import (
+    LEARNING_RATES,
+    PAPER_MAX_ITER,
+    PAPER_TOL,
+    PROTOCOL,
+    SWEEP_TRACE_MATVECS,
+    TITLE,
+    VALIDATION,
+)
 
 SWEEP_CSV, SUMMARY_CSV, COMPARISON_CSV = "sweep.csv", "summary.csv", "comparison.csv"
 QUANTITIES = ("test_acc_best", "test_acc_last", "trace", "lambda1", "trace_paper",
@@ -157,6 +165,13 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
     page.add(Heading("Learning rate (plain Adam, validation, mean of 2 seeds)"),
              Table(_shown(lr_table)))
     page.add(Heading("Sweeps (validation, mean of 2 seeds)"), Table(_shown(sweep_table)))
+    edges = edge_choices(pd.concat([lr_table, sweep_table], ignore_index=True))
+    if edges:
+        page.add(Paragraph(
+            "Chosen at the edge of its grid (the best value may lie beyond it): "
+            + "; ".join(edges) + ". The validation split has 250 (MNIST-1D) or ~143 (digits) "
+            "examples, so one example is 0.4-0.7 points: most differences between grid values "
+            "are within noise."))
     page.add(Heading("Results (final runs)"))
     for setting in result["main"].settings:
         if summary.empty or setting.name not in set(summary["setting"]):
@@ -168,6 +183,11 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
     page.add(Heading("NSO against the best baseline and SAM, next to the paper"))
     if not comparison.empty:
         comparison["paper"] = comparison["quantity"].map(PAPER)
+        page.add(Heading("Headline: NSO (k=1) at the same epochs", 3), Paragraph(
+            "Change of NSO's mean against the best baseline's and SAM's (relative for "
+            "curvature, percentage points for accuracy), the 95% CI of the paired difference "
+            "in the same units, t with its degrees of freedom (n − 1 seeds) and p."),
+            Table(headline(comparison)))
         for definition, quantities in DEFINITIONS.items():
             part = comparison[comparison["quantity"].isin(quantities)]
             if part.empty:
@@ -188,6 +208,30 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
         "Their setting is ImageNet-pretrained ResNet-34 on image data sets; this study is a "
         "CPU-sized version of the same protocol, so it tests the direction and rough size."))
     return page.write(out)
+
+
+def headline(comparison: pd.DataFrame) -> pd.DataFrame:
+    """NSO k=1 (absolute and filter noise) at E epochs: every quantity, both references."""
+    rows = comparison[(comparison["budget"] == "same epochs")
+                      & comparison["nso"].isin(["nso", "nso-filter"])]
+    table = comparison_table(rows)
+    return table.drop(columns=[c for c in ("budget",) if c in table])
+
+
+def edge_choices(table: pd.DataFrame) -> list[str]:
+    """``setting name arg=value (lowest|highest of N)`` for choices at the end of a grid."""
+    out = []
+    for (setting, name), group in table.groupby(["setting", "optimizer"], sort=False):
+        values = sorted(group["hyper_value"].unique())
+        chosen = group[group["chosen"].astype(bool)]
+        if len(values) < 3 or chosen.empty:
+            continue
+        value = chosen["hyper_value"].iloc[0]
+        if value in (values[0], values[-1]):
+            end = "lowest" if value == values[0] else "highest"
+            out.append(f"{setting} {'adam' if name == 'sgd' else name} "
+                       f"{chosen['hyperparameter'].iloc[0]}={value:g} ({end} of {len(values)})")
+    return out
 
 
 def _same_arm(table: pd.DataFrame) -> pd.Series:
@@ -235,11 +279,16 @@ def _setup(page: Page, result: dict) -> None:
             "BatchNorm: running statistics from each step's first pass (SAM/ASAM/RWP: at W; "
             "NSO with clean weight 0: at W+U₁, where the official code spends an extra pass "
             "at W). Measurements in eval mode.",
-            "Measurements on the best-validation checkpoint, on the run's training split: "
-            "see flatlab.study.transfer_measure (trace: Hutch++ 100 products; λ1: Lanczos; "
-            "trace_paper: Hutchinson over conv+head weights; λ_paper: per-layer-normalised "
-            "power iteration per batch of 32, mean over batches). Sweep runs: clean loss, "
-            "trace (30 products) and test accuracy only, for the Pareto plots.",
+            "Measurements on the best-validation checkpoint, eval mode, on the run's training "
+            f"split (at most {main.samples} examples), see flatlab.study.transfer_measure: "
+            f"trace and trace_se: Hutch++ with {main.trace_matvecs} products over all "
+            f"parameters; λ1: Lanczos, Ritz residual tolerance {main.eigen_tol:g}; "
+            "trace_paper: Hutchinson over conv + head weights (stop at 1e-3 relative change, "
+            "≤ 100 probes); λ_paper: per-layer-normalised power iteration over those weights "
+            f"on each batch of 32 (≤ {PAPER_MAX_ITER} iterations, tolerance {PAPER_TOL:g}), "
+            "mean over batches; norm_trace from trace_paper's per-layer parts. Sweep runs: "
+            f"clean loss, trace ({SWEEP_TRACE_MATVECS} products) and test accuracy only, for "
+            "the Pareto plots.",
             "Statistics: paired t over the shared seeds (df = n − 1), 95% CI of the mean "
             "difference; the best baseline is the one with the best mean of each quantity; "
             "scorecards count only significant differences (p < 0.05)."]))
