@@ -4,7 +4,8 @@
 - every relative link in README.md and docs/*.md reaches an existing file (and heading);
 - every ``-m flatlab.<module>`` command names a module that ``python -m`` can run;
 - every flag docs/cli.md names for ``flatlab.train`` / ``flatlab.analyze`` is in its ``--help``;
-- every ``tests/FILE.py::TEST`` reference (docs/reliability.md) names an existing test.
+- every ``tests/FILE.py::TEST`` reference (docs/reliability.md) names an existing test;
+- docs/optimizers.md shows ``tests/snippets/fp16_loop.py`` verbatim.
 """
 
 from __future__ import annotations
@@ -149,3 +150,9 @@ def test_named_tests_exist(filename, name):
     path = ROOT / "tests" / filename
     assert path.is_file(), f"tests/{filename} does not exist"
     assert re.search(rf"^\s*def {name}\(", _text(path), re.M), f"tests/{filename}::{name}"
+
+
+def test_optimizers_page_copies_the_fp16_snippet_verbatim():
+    """docs/optimizers.md shows the fp16 recipe that tests/test_fp16_snippet.py runs."""
+    snippet = _text(ROOT / "tests" / "snippets" / "fp16_loop.py")
+    assert f"```python\n{snippet}```" in _text(ROOT / "docs" / "optimizers.md")
