@@ -16,6 +16,8 @@ from torch import nn
 
 from flatlab import distributed
 
+pytestmark = pytest.mark.distributed
+
 SPAWN_TIMEOUT = 90.0
 
 

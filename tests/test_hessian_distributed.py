@@ -9,6 +9,8 @@ from test_hessian_operator import CE, make_case
 from flatlab import distributed
 from flatlab.hessian import HessianOperator, spectral_density, top_eigenvalues, trace
 
+pytestmark = pytest.mark.distributed
+
 SPAWN_TIMEOUT = 120.0
 
 
