@@ -48,6 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from flatlab.data import Dataset, load_dataset
@@ -60,6 +61,7 @@ from flatlab.study.runner import (
     planned_rows,
     pool_map,
     read_metrics,
+    read_results,
     row_header,
     run_all,
     train_or_resume,
@@ -167,7 +169,7 @@ def pretrain(config: TrainConfig) -> dict:
     with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log, \
             contextlib.redirect_stdout(log):
         outcome = train_or_resume(config, progress=False)
-    backbone = run_dir.with_name(run_dir.name + "-backbone.safetensors")
+    backbone = backbone_path(config)
     if not backbone.is_file():
         write_backbone(outcome.checkpoint, backbone)
     last = outcome.metrics[-1]
@@ -280,11 +282,15 @@ def lr_study(study: StudyConfig) -> StudyConfig:
 
 def run_transfer(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1,
                  shard: Shard | None = None, pretrain_epochs: int | None = None,
-                 say: Callable[[str], None] = print) -> dict | None:
-    """Pretrain, choose lr, sweep, choose ρ/σ, final runs; ``None`` when a stage is waiting
-    for other shards. Returns what the report needs."""
+                 run: bool = True, say: Callable[[str], None] = print) -> dict | None:
+    """Pretrain, choose lr, sweep, choose ρ/σ, final runs; each setting goes as far as its
+    previous stage is complete (other shards may still be running it). ``run=False`` runs
+    nothing and plans from what ``results.csv`` has (the report of a partial study).
+    Returns what the report needs; ``None`` for a shard."""
     out.mkdir(parents=True, exist_ok=True)
     configs = [pretrain_config(s, runs_dir, epochs=pretrain_epochs) for s in study.settings]
+    if not run:
+        configs = [c for c in configs if backbone_path(c).is_file()]
     sources = {}
     for config, result in pool_map(pretrain, configs, jobs=jobs):
         name = Path(config.out).parent.name
@@ -292,37 +298,61 @@ def run_transfer(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1
         say(f"pretrained {name}: source test acc {100 * result['test_acc']:.2f}% "
             f"({result['status']})")
     backbones = {name: s["backbone"] for name, s in sources.items()}
-    base = replace(study, settings=stage_settings(study.settings, backbones))
-    stage1 = lr_study(base)
-    lr_runs = planned(stage1, "sweep")
-    rows = run_all(lr_runs, out, runs_dir, jobs=jobs, shard=shard, say=say, execute=execute,
-                   columns=COLUMNS)
-    done = planned_rows(rows, lr_runs)
-    if len(done) < len(lr_runs):
-        say("learning-rate runs of other shards are not finished yet; run again later")
-        return None
-    chosen_lr, _ = select_hyperparameters(done)
-    lrs = {s.name: chosen_lr[(s.name, ADAM.sweep_name)]["lr"] for s in study.settings}
+    settings = tuple(s for s in study.settings if s.name in sources)
+
+    def stage(runs: list[RunSpec]) -> pd.DataFrame:
+        if run:
+            return run_all(runs, out, runs_dir, jobs=jobs, shard=shard, say=say,
+                           execute=execute, columns=COLUMNS)
+        return read_results(out, COLUMNS)
+
+    def complete(rows: pd.DataFrame, runs: list[RunSpec], setting: Setting) -> pd.DataFrame | None:
+        mine = [r for r in runs if r.setting.name == setting.name]
+        done = planned_rows(rows, mine)
+        return done if len(done) == len(mine) else None
+
+    lr_runs = planned(lr_study(replace(study, settings=stage_settings(settings, backbones))),
+                      "sweep")
+    rows = stage(lr_runs)
+    lrs = {}
+    for setting in settings:
+        done = complete(rows, lr_runs, setting)
+        if done is not None:
+            lrs[setting.name] = select_hyperparameters(done)[0][(setting.name,
+                                                                 ADAM.sweep_name)]["lr"]
     say(f"learning rates: {lrs}")
-    main = replace(study, settings=stage_settings(study.settings, backbones, lrs))
+    main = replace(study, settings=stage_settings([s for s in settings if s.name in lrs],
+                                                  backbones, lrs))
     sweep = planned(main, "sweep")
-    rows = run_all(sweep, out, runs_dir, jobs=jobs, shard=shard, say=say, execute=execute,
-                   columns=COLUMNS)
-    swept = planned_rows(rows, sweep)
-    if len(swept) < len(sweep):
-        say("sweep runs of other shards are not finished yet; run again later")
-        return None
-    chosen, _ = select_hyperparameters(swept)
+    rows = stage(sweep)
+    chosen: dict = {}
+    swept = []
+    for setting in main.settings:
+        done = complete(rows, sweep, setting)
+        if done is not None:
+            chosen.update(select_hyperparameters(done)[0])
+            swept.append(setting)
     for key, hyper in chosen.items():
         say(f"chosen for {key[0]}: {key[1]} {hyper}")
-    final = planned(main, "final", chosen)
-    rows = run_all(final, out, runs_dir, jobs=jobs, shard=shard, say=say, execute=execute,
-                   columns=COLUMNS)
+    final = planned(replace(main, settings=tuple(swept)), "final", chosen)
+    rows = stage(final)
     if shard is not None:
         say(f"shard {shard} done; aggregate with the same command without --shard")
         return None
+    missing = ([f"{s.name}: no pretrained model" for s in study.settings
+                if s.name not in sources]
+               + [f"{s.name}: learning-rate stage incomplete" for s in settings
+                  if s.name not in lrs]
+               + [f"{s.name}: sweep incomplete, no final runs" for s in main.settings
+                  if s not in swept])
     return {"rows": rows, "lr_runs": lr_runs, "sweep": sweep, "final": final,
-            "sources": sources, "lrs": lrs, "main": main, "stage1": stage1}
+            "sources": sources, "lrs": lrs, "main": main, "missing": missing}
+
+
+def backbone_path(config: TrainConfig) -> Path:
+    """Where :func:`pretrain` writes the head-less weights of the source run ``config``."""
+    run_dir = Path(config.out)
+    return run_dir.with_name(run_dir.name + "-backbone.safetensors")
 
 
 # --------------------------------------------------------------------------- CLI preset
@@ -344,6 +374,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="only these settings (default: all)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="runs in parallel, one CPU thread each (default 1)")
+    parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
+                        help=f"only these arms (default all: "
+                             f"{', '.join(m.label for m in METHODS)}); run keys do not depend "
+                             f"on it, so a later run with more arms reuses these runs")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: write the report from what OUT/results.csv has "
+                             "(a partial study shows the settings and stages it finished)")
     parser.add_argument("--shard", type=Shard.parse, default=None, metavar="I/N",
                         help="run only the I-th of N parts of each stage (by run key) and "
                              "write no report; a later invocation without --shard aggregates")
@@ -368,7 +405,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         settings = SETTINGS[:1]
     if args.quick:
         settings = tuple(replace(s, epochs=4) for s in settings)
-    study = study_config(settings, quick=args.quick, seeds=seeds)
+    methods = METHODS
+    if args.arms:
+        known = {m.label: m for m in METHODS}
+        unknown = [a for a in args.arms if a not in known]
+        if unknown or ADAM.label not in args.arms:
+            raise FlatlabError(f"--arms {' '.join(args.arms)}: choose from {', '.join(known)}, "
+                               f"adam included (it chooses the learning rate)")
+        methods = tuple(known[a] for a in args.arms)
+    study = study_config(settings, quick=args.quick, seeds=seeds, methods=methods)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     runs_dir = args.runs_dir or (out / "runs" if args.quick else DEFAULT_RUNS)
     command = "python -m flatlab.study transfer" + (" " + shlex.join(argv) if argv else "")
@@ -376,7 +421,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
     result = run_transfer(study, out, runs_dir, jobs=args.jobs, shard=args.shard,
-                          pretrain_epochs=2 if args.quick else None)
+                          pretrain_epochs=2 if args.quick else None, run=not args.report_only)
     if result is None:
         return 0
     index = write_transfer_report(result, out, command=command,

@@ -158,9 +158,11 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
     page.add(Paragraph(timing))
     planned = len(result["lr_runs"]) + len(result["sweep"]) + len(result["final"])
     failed = used[used["status"] != "ok"]
-    if len(failed) or planned > len(used):
+    if len(failed) or planned > len(used) or result.get("missing"):
         page.add(Paragraph(f"**Incomplete**: {planned - len(used)} planned run(s) have no "
-                           f"result; {len(failed)} did not finish (left out)."))
+                           f"result; {len(failed)} did not finish (left out)."
+                           + (" Not reached: " + "; ".join(result["missing"]) + "."
+                              if result.get("missing") else "")))
     _setup(page, result)
     page.add(Heading("Learning rate (plain Adam, validation, mean of 2 seeds)"),
              Table(_shown(lr_table)))
