@@ -3,8 +3,13 @@ exact Hessians of tiny models)."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -274,3 +279,124 @@ def test_density_of_a_hessian_operator(mlp):
     assert float(result.nodes.min()) >= float(exact[0]) - 1e-8
     assert float(result.nodes.max()) <= float(exact[-1]) + 1e-8
     assert float(result.nodes.max()) == pytest.approx(float(exact[-1]), rel=1e-6)
+
+
+# ------------------------------------------------------------------- bounded memory, restarts
+def test_restarted_lanczos_agrees_with_unrestarted_on_close_eigenvalues():
+    # a cluster of 8 eigenvalues 0.1% apart at each end, k = 5 cuts through both clusters
+    gen = torch.Generator().manual_seed(5)
+    cluster = 10.0 - 0.01 * torch.arange(8, dtype=torch.float64)
+    spectrum = torch.cat([cluster, -cluster, 8.0 * torch.rand(384, generator=gen,
+                                                            dtype=torch.float64) - 4.0])
+    op = DenseOperator(random_symmetric(spectrum, seed=6))
+    exact = torch.linalg.eigvalsh(op.matrix)
+    for which, expected in (("largest", exact.flip(0)[:5]), ("smallest", exact[:5].flip(0))):
+        restarted = top_eigenvalues(op, k=5, tol=1e-10, which=which, max_basis=8,
+                                    max_matvecs=5000)
+        full = top_eigenvalues(op, k=5, tol=1e-10, which=which, max_basis=op.size)
+        assert restarted.restarts >= 10 and full.restarts == 0
+        assert bool(restarted.converged.all()) and bool(full.converged.all())
+        assert torch.allclose(restarted.eigenvalues, full.eigenvalues, rtol=1e-12, atol=0)
+        assert torch.allclose(restarted.eigenvalues, expected, rtol=1e-12, atol=0)
+        overlap = (restarted.eigenvectors.T @ full.eigenvectors).diagonal().abs()
+        assert torch.allclose(overlap, torch.ones(5, dtype=torch.float64), atol=1e-8)
+
+
+def test_basis_on_another_device_gives_identical_results():
+    op = DenseOperator(random_symmetric(torch.linspace(-1, 3, 120, dtype=torch.float64)))
+    for estimator in (lambda **kw: top_eigenvalues(op, k=3, **kw).eigenvalues,
+                      lambda **kw: torch.tensor(trace(op, num_matvecs=30, **kw).estimate),
+                      lambda **kw: spectral_density(op, num_runs=3, num_steps=10, **kw).nodes):
+        assert torch.equal(estimator(), estimator(basis_device="cpu"))
+    with pytest.raises(FlatlabError, match="basis_device='gpu0' is not a torch device"):
+        top_eigenvalues(op, basis_device="gpu0")
+    with pytest.raises(FlatlabError, match="max_basis must be at least k \\+ 2 = 7, got 6"):
+        top_eigenvalues(op, k=5, max_basis=6)
+
+
+def test_float32_reductions_are_accurate_where_blas_is_not():
+    from flatlab.hessian._krylov import dots, gram, norm
+
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(3, 1_000_003, generator=gen) * torch.rand(3, 1_000_003, generator=gen) ** 3
+    exact = rows.double() @ rows.double().T
+    scale = exact.diagonal().sqrt()
+    assert abs(norm(rows[0]) ** 2 / float(exact[0, 0]) - 1) < 1e-8
+    assert torch.allclose(dots(rows, rows[1]), exact[:, 1], rtol=0, atol=5e-8 * float(
+        scale.max() * scale[1]))
+    assert torch.allclose(gram(rows), exact, rtol=0, atol=5e-8 * float(scale.max() ** 2))
+    # what the partial sums avoid: one BLAS reduction over a million float32 entries
+    assert abs(float(torch.linalg.vector_norm(rows[0])) ** 2 / float(exact[0, 0]) - 1) > 1e-6
+    assert abs(float(rows[1] @ rows[1]) / float(exact[1, 1]) - 1) > 1e-6
+
+
+def test_density_local_reorthogonalisation_matches_full():
+    gen = torch.Generator().manual_seed(8)
+    spectrum = torch.cat([torch.tensor([30.0, 20.0, 12.0]), torch.randn(597, generator=gen,
+                                                                        dtype=torch.float64)])
+    op = DenseOperator(random_symmetric(spectrum, seed=9))
+    grid = torch.linspace(-5, 32, 2000, dtype=torch.float64)
+    local, full = (spectral_density(op, num_runs=8, num_steps=80, grid=grid, sigma=0.02,
+                                    reorthogonalize=mode) for mode in ("local", "full"))
+    # 80 steps without reorthogonalisation repeat the converged top eigenvalues ("ghosts")...
+    assert int((local.nodes > 29.9).sum()) > int((full.nodes > 29.9).sum()) == 8
+    # ...yet the quadrature, hence every moment and the smoothed density, stays the same
+    assert local.mean == pytest.approx(full.mean, rel=1e-10)
+    for power in (2, 3):
+        moments = [float(((r.nodes ** power) * r.weights).sum()) for r in (local, full)]
+        assert moments[0] == pytest.approx(moments[1], rel=1e-8)
+    assert float(torch.trapezoid((local.density - full.density).abs(), grid)) < 1e-3
+
+
+_MEMORY_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from torch import nn
+from flatlab.hessian import HessianOperator, top_eigenvalues
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 960), nn.ReLU(),
+                      nn.Linear(960, 10)).eval()
+x, y = torch.randn(64, 64), torch.randint(0, 10, (64,))
+op = HessianOperator(model, nn.CrossEntropyLoss(), [(x[:32], y[:32]), (x[32:], y[32:])])
+
+def peak(fn):
+    status = lambda key: int(next(line.split()[1] for line in
+                                  Path("/proc/self/status").read_text().splitlines()
+                                  if line.startswith(key))) * 1024
+    base = status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    out = fn()
+    return status("VmHWM") - base, out
+
+probe = torch.randn(op.size)
+op.matvec(probe)  # the operator's graph cache belongs to the baseline
+product, _ = peak(lambda: op.matvec(probe))
+del probe
+used, result = peak(lambda: top_eigenvalues(op, k=5))
+print(json.dumps({"size": op.size, "product": product, "used": used,
+                  "converged": bool(result.converged.all()), "matvecs": result.matvecs}))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_top5_memory_on_a_million_parameters_stays_within_the_documented_bound():
+    """Peak extra resident memory of ``top_eigenvalues(k=5)`` on a 1.06M-parameter float32
+    MLP, in a fresh process. glibc is told to return every freed block of 128 KiB or more to
+    the system (``MALLOC_MMAP_THRESHOLD_``), so the resident set measures live memory; with
+    the default allocator it also holds freed blocks not yet reused (see the benchmark)."""
+    psutil = pytest.importorskip("psutil")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+    done = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], capture_output=True, text=True,
+                          check=True, timeout=300, env=env)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    size = measured["size"]
+    assert 1_000_000 < size < 1_100_000 and measured["converged"]
+    # documented: max((m + 1) s + one product's working memory, (m + k) s) bytes per
+    # parameter, m = max(2k + 8, 20) = 20 basis vectors, s = 4 bytes (float32)
+    bound = max(21 * 4 * size + measured["product"], 25 * 4 * size)
+    slack = 10 * size  # interpreter, BLAS and allocator bookkeeping
+    assert measured["used"] <= bound + slack, (measured, bound / size)
+    # and the bound is not vacuous: the basis alone is 80 bytes per parameter
+    assert measured["used"] >= 80 * size
+    assert psutil.Process().memory_info().rss > 0

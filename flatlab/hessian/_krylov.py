@@ -26,6 +26,8 @@ from torch import Tensor
 from flatlab.errors import FlatlabError
 
 PARTIAL = 64  # entries per float32 partial sum of an accurate reduction
+_COMBINE_BYTES = 1 << 21  # temporary of combine_rows
+_PARTIAL_BYTES = 1 << 23  # temporaries of gram
 _DGKS = 2 ** -0.5  # Gram-Schmidt again when a pass removed more than this share of the norm
 
 
@@ -41,35 +43,47 @@ def resolve_basis_device(op: Any, device: str | torch.device | None) -> torch.de
 
 
 def gram(rows: Tensor, other: Tensor | None = None) -> Tensor:
-    """``rows @ other.T`` (default ``other = rows``) as float64 ``(r, q)`` on the CPU: one
-    batched product over :data:`PARTIAL`-entry slices, the slices summed in float64."""
+    """``rows @ other.T`` (default ``other = rows``) as float64 ``(r, q)`` on the CPU: batched
+    products over :data:`PARTIAL`-entry slices, summed in float64 (in column blocks whose
+    ``(slices, r, q)`` temporary stays below :data:`_PARTIAL_BYTES`)."""
     other = rows if other is None else other
     if rows.dtype == torch.float64:
         return (rows @ other.T.to(torch.float64)).cpu()
     other = other.to(rows.dtype)
-    count = rows.shape[1] // PARTIAL
-    head = count * PARTIAL
-    left = rows[:, :head].reshape(rows.shape[0], count, PARTIAL).transpose(0, 1)
-    right = other[:, :head].reshape(other.shape[0], count, PARTIAL).permute(1, 2, 0)
-    total = torch.bmm(left, right).sum(dim=0, dtype=torch.float64)
-    total += rows[:, head:] @ other[:, head:].T
+    size = rows.shape[1]
+    head = size // PARTIAL * PARTIAL
+    block = PARTIAL * max(1, _PARTIAL_BYTES // (8 * max(rows.shape[0] * other.shape[0], 1)))
+    total = (rows[:, head:] @ other[:, head:].T).to(torch.float64)
+    for start in range(0, head, block):
+        stop = min(start + block, head)
+        count = (stop - start) // PARTIAL
+        left = rows[:, start:stop].reshape(rows.shape[0], count, PARTIAL).transpose(0, 1)
+        right = other[:, start:stop].reshape(other.shape[0], count, PARTIAL).permute(1, 2, 0)
+        total += torch.bmm(left, right).sum(dim=0, dtype=torch.float64)
     return total.cpu()
 
 
 def dots(rows: Tensor, vector: Tensor) -> Tensor:
-    """``rows @ vector`` as float64 ``(r,)`` on the CPU, accurately (see the module doc)."""
+    """``rows @ vector`` as float64 ``(r,)`` on the CPU, accurately (see :func:`gram`)."""
     if rows.shape[0] != 1 or rows.dtype == torch.float64:
         return gram(rows, vector[None])[:, 0]
     row, vector = rows[0], vector.to(rows.dtype)
-    head = vector.numel() // PARTIAL * PARTIAL
-    partial = torch.mul(row[:head], vector[:head]).view(-1, PARTIAL).sum(dim=1)
+    head = row.numel() // PARTIAL * PARTIAL
+    partial = torch.einsum("nc,nc->n", row[:head].view(-1, PARTIAL),
+                           vector[:head].view(-1, PARTIAL))
     total = partial.sum(dtype=torch.float64) + torch.dot(row[head:], vector[head:])
     return total.reshape(1).cpu()
 
 
 def norm(vector: Tensor) -> float:
-    """Euclidean norm of one vector, accurately (see the module doc)."""
-    return math.sqrt(max(float(dots(vector[None], vector)[0]), 0.0))
+    """Euclidean norm of one vector, accurately (float32 norms of 64 entries, combined in
+    float64)."""
+    if vector.dtype == torch.float64:
+        return float(torch.linalg.vector_norm(vector))
+    head = vector.numel() // PARTIAL * PARTIAL
+    partial = torch.linalg.vector_norm(vector[:head].view(-1, PARTIAL), dim=1)
+    total = (partial.to(torch.float64) ** 2).sum() + float(vector[head:].double().square().sum())
+    return math.sqrt(float(total))
 
 
 def project_out(rows: Tensor, vector: Tensor) -> None:
@@ -94,10 +108,12 @@ def orthogonalize(rows: Tensor, vector: Tensor) -> float:
 
 
 def combine_rows(rows: Tensor, mixing: Tensor, out: Tensor) -> None:
-    """``out = mixing.T @ rows`` chunk by chunk (``mixing`` float64 ``(r, q)``); ``out`` may be
-    ``rows[:q]`` itself (every chunk is read before it is written)."""
+    """``out = mixing.T @ rows`` (``mixing`` float64 ``(r, q)``) in column chunks whose
+    temporary is at most :data:`_COMBINE_BYTES`; ``out`` may be ``rows[:q]`` itself (every
+    chunk is read before it is written)."""
     weights = mixing.T.to(device=rows.device, dtype=rows.dtype)
-    step = 1 << 18  # columns per product: a small temporary, few calls
+    itemsize = torch.finfo(rows.dtype).bits // 8
+    step = max(4096, _COMBINE_BYTES // (itemsize * max(weights.shape[0], 1)))
     for start in range(0, rows.shape[1], step):
         stop = min(start + step, rows.shape[1])
         out[:, start:stop] = weights @ rows[:, start:stop]

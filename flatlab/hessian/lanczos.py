@@ -243,10 +243,11 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
             fresh[-1] = 1.0
         torch.mul(w, 1.0 / beta, out=basis[n])
         del w
-    # the wanted Ritz vectors, unit rows of a fresh (k, P) tensor; the basis is freed first
+    # the wanted Ritz vectors, unit rows of a fresh (k, P) tensor; then the basis is freed
+    del w
     eigenvectors = torch.empty(k, size, dtype=op.dtype, device=basis.device)
     combine_rows(basis[:n], torch.from_numpy(vectors[:, wanted].copy()), eigenvectors)
-    del basis, w
+    del basis
     values = torch.from_numpy(theta[wanted].copy())
     true = torch.zeros(k, dtype=torch.float64)
     for i in range(k):
