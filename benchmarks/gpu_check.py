@@ -13,7 +13,14 @@ One short script (a few minutes) for a CUDA machine; it runs on CPU too (``--dev
 3. writes the analysis and its report (``DIR/analysis/index.html``);
 4. prints and writes (``DIR/gpu_check.csv``) a timing table on the device: milliseconds per
    training step for each optimizer (fp32, and NSO under bf16 autocast), and one full-data
-   gradient, one Hessian-vector product and a block of 8 products, as ratios to the gradient.
+   gradient, one Hessian-vector product and a block of 8 products, as ratios to the gradient;
+5. curvature at scale (``benchmarks/hessian_scale.py``): ResNet-18 and ResNet-50 at CIFAR and
+   ImageNet input sizes, the product/gradient ratio and, per estimator (top-5 eigenvalues, also
+   with the basis in host memory; Hutch++ trace; density), time and peak device memory.
+   ``--scale tiny`` (the default on CPU) is a smoke run on a small ResNet; ``--scale-only``
+   skips steps 1-4. Every model's memory is estimated first, and the run is refused up front
+   (exit 2, one line) when one needs more than ``--max-memory-gb`` (default on CUDA: 90% of
+   the device's memory).
 
 Exit status 0 when every check passes, 1 when one fails (each failure printed). On a CPU
 shared with other programs pass ``--threads 1``: spinning intra-op threads make these small
@@ -31,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import hessian_scale
 import torch
 from torch import nn
 
@@ -232,6 +240,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timings per median")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads for the analysis and timings (default: torch's)")
+    parser.add_argument("--scale", default="auto", choices=("auto", "full", "tiny", "none"),
+                        help="curvature at scale: ResNet-18/50 at CIFAR and ImageNet sizes "
+                             "(auto: full on CUDA, tiny smoke run elsewhere)")
+    parser.add_argument("--scale-only", action="store_true",
+                        help="run only the curvature-at-scale part (step 5)")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="refuse up front when a scale model would need more device memory "
+                             "(default on CUDA: 90%% of the device's)")
     args = parser.parse_args(argv)
     with exact_float32():  # full float32 (no TF32) throughout: timings and checks alike
         return check(args)
@@ -254,40 +270,52 @@ def check(args) -> int:
         print(f"{label}: {clock[label]:.1f} s", file=sys.stderr, flush=True)
         return value
 
-    run_dir = args.out / "run"
-    if run_dir.exists():  # a fresh run each time
-        for path in run_dir.iterdir():
-            path.unlink()
-    checkpoint = timed(f"train ({device.type})",
-                       lambda: train_checkpoint(device, args.out, args.epochs, args.precision))
-    torch.set_num_threads(threads)  # train() picks its own thread count
-    on_device = timed(f"analyze ({device.type})", lambda: analyse(checkpoint, device, args))
-    on_cpu = (on_device if device == cpu
-              else timed("analyze (cpu)", lambda: analyse(checkpoint, cpu, args)))
-    from flatlab.analysis import write_outputs
+    # refuse up front, before anything runs, when a scale model would not fit
+    planned = hessian_scale.guard(hessian_scale.configs_for(args.scale, device), device,
+                                  args.max_memory_gb)
+    checks, timings = [], []
+    checkpoint = None
+    if not args.scale_only:
+        run_dir = args.out / "run"
+        if run_dir.exists():  # a fresh run each time
+            for path in run_dir.iterdir():
+                path.unlink()
+        checkpoint = timed(f"train ({device.type})",
+                           lambda: train_checkpoint(device, args.out, args.epochs,
+                                                    args.precision))
+        torch.set_num_threads(threads)  # train() picks its own thread count
+        on_device = timed(f"analyze ({device.type})", lambda: analyse(checkpoint, device, args))
+        on_cpu = (on_device if device == cpu
+                  else timed("analyze (cpu)", lambda: analyse(checkpoint, cpu, args)))
+        from flatlab.analysis import write_outputs
 
-    timed("report", lambda: write_outputs(on_device, args.out / "analysis", report=True))
-    checks = compare(on_device["checkpoints"][0], on_cpu["checkpoints"][0], args.rtol)
-    timings = step_timings(device, args) + hessian_timings(checkpoint, device, args)
+        timed("report", lambda: write_outputs(on_device, args.out / "analysis", report=True))
+        checks = compare(on_device["checkpoints"][0], on_cpu["checkpoints"][0], args.rtol)
+        timings = step_timings(device, args) + hessian_timings(checkpoint, device, args)
+    scale = timed("curvature at scale", lambda: hessian_scale.run(planned, device))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"\ngpu_check on {device} ({name}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
-    print(f"\n{device.type} vs cpu on {checkpoint} (rtol {args.rtol:g})")
-    print(f"{'quantity':<14}{'max rel diff':>14}  ok")
-    for row in checks:
-        print(f"{row['quantity']:<14}{row['max_rel_diff']:>14.2e}  "
-              f"{'yes' if row['ok'] else 'NO'}")
-    print(f"\ntimings on {device} (median of {args.repeats} interleaved rounds)")
-    print(f"{'what':<36}{'passes':>7}{'ms':>10}{'ratio':>8}")
-    for row in timings:
-        print(f"{row['what']:<36}{row['passes']:>7}{row['ms']:>10.3f}{row['ratio']:>8.2f}")
-    print("(step ratios: to the SGD fp32 step; Hessian ratios: to one full-data gradient)")
+    if checkpoint is not None:
+        print(f"\n{device.type} vs cpu on {checkpoint} (rtol {args.rtol:g})")
+        print(f"{'quantity':<14}{'max rel diff':>14}  ok")
+        for row in checks:
+            print(f"{row['quantity']:<14}{row['max_rel_diff']:>14.2e}  "
+                  f"{'yes' if row['ok'] else 'NO'}")
+        print(f"\ntimings on {device} (median of {args.repeats} interleaved rounds)")
+        print(f"{'what':<36}{'passes':>7}{'ms':>10}{'ratio':>8}")
+        for row in timings:
+            print(f"{row['what']:<36}{row['passes']:>7}{row['ms']:>10.3f}{row['ratio']:>8.2f}")
+        print("(step ratios: to the SGD fp32 step; Hessian ratios: to one full-data gradient)")
+    if scale:
+        hessian_scale.print_table(scale, device)
     print("\nwall clock: " + ", ".join(f"{k} {v:.1f} s" for k, v in clock.items()))
 
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=["section", "what", "passes", "ms", "ratio",
-                                                "max_rel_diff", "ok"], lineterminator="\n")
+                                                "max_rel_diff", "ok", "model", "params",
+                                                "products", "peak_gb"], lineterminator="\n")
     writer.writeheader()
     for row in checks:
         writer.writerow({"section": f"{device.type}_vs_cpu", "what": row["quantity"],
@@ -296,6 +324,11 @@ def check(args) -> int:
         writer.writerow({"section": f"timing_{device.type}", "what": row["what"],
                          "passes": row["passes"], "ms": f"{row['ms']:.4f}",
                          "ratio": f"{row['ratio']:.3f}"})
+    for row in scale:
+        writer.writerow({"section": f"scale_{device.type}", "what": row["what"],
+                         "model": row["model"], "params": row["params"],
+                         "products": row["products"], "ms": f"{1e3 * row['seconds']:.1f}",
+                         "ratio": f"{row['ratio']:.3f}", "peak_gb": f"{row['peak_gb']:.3f}"})
     atomic_write_text(args.out / "gpu_check.csv", buffer.getvalue())
     print(f"wrote {args.out / 'gpu_check.csv'} and {args.out / 'analysis'}", file=sys.stderr)
     failed = [row["quantity"] for row in checks if not row["ok"]]

@@ -8,7 +8,7 @@ import importlib
 import pytest
 
 MODULES = ["flatlab.hessian", "flatlab.hessian.operator", "flatlab.hessian.trace",
-           "flatlab.hessian.lanczos", "flatlab.hessian.density"]
+           "flatlab.hessian.lanczos", "flatlab.hessian.density", "flatlab.hessian._krylov"]
 
 
 @pytest.mark.parametrize("name", MODULES)

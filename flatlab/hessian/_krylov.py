@@ -77,7 +77,15 @@ def dots(rows: Tensor, vector: Tensor) -> Tensor:
 
 def norm(vector: Tensor) -> float:
     """Euclidean norm of one vector, accurately (float32 norms of 64 entries, combined in
-    float64)."""
+    float64).
+
+    >>> import torch
+    >>> vector = torch.rand(4_000_000, generator=torch.Generator().manual_seed(0))
+    >>> exact = float(vector.double().norm())
+    >>> plain = float(torch.linalg.vector_norm(vector))  # one float32 reduction
+    >>> abs(norm(vector) / exact - 1) < 1e-9, abs(plain / exact - 1) > 1e-5
+    (True, True)
+    """
     if vector.dtype == torch.float64:
         return float(torch.linalg.vector_norm(vector))
     head = vector.numel() // PARTIAL * PARTIAL

@@ -35,10 +35,11 @@ space becomes invariant stops there (its remaining nodes carry weight 0, and it 
 products).
 
 **Memory** (bytes per parameter, ``s`` = bytes per element of the operator's dtype, ``b`` =
-``block_size``): ``3 b s`` for local reorthogonalisation (4 runs of a float32 model: 48),
-``b (num_steps + 1) s`` for full; plus ``num_runs`` bytes for the start vectors' signs and
-one block's working memory in the operator. Vectors live on ``basis_device`` (default: the
-operator's device).
+``block_size``): local reorthogonalisation keeps two vectors per run and the new block, and
+hands the operator a gathered copy of the block and transposes its answer: ``5 b s`` (4 runs of
+a float32 model: 80); full keeps every vector of the runs in flight, ``b (num_steps + 3) s``.
+Plus ``num_runs`` bytes for the start vectors' signs and one block's working memory in the
+operator. Vectors live on ``basis_device`` (default: the operator's device).
 """
 
 from __future__ import annotations
@@ -127,9 +128,9 @@ def spectral_density(op: Any, *, num_runs: int = 4, num_steps: int = 64,
                      basis_device: str | torch.device | None = None) -> DensityResult:
     """Smoothed eigenvalue density of a symmetric operator by SLQ (see module doc).
 
-    Extra memory: ``3 block_size`` vectors in the operator's dtype with local
-    reorthogonalisation (default: 48 bytes per parameter for a float32 model), ``block_size
-    (num_steps + 1)`` with full; plus one block's working memory in the operator.
+    Extra memory: ``5 block_size`` vectors in the operator's dtype with local
+    reorthogonalisation (default: 80 bytes per parameter for a float32 model), ``block_size
+    (num_steps + 3)`` with full; plus one block's working memory in the operator.
 
     Args:
         op: symmetric operator (``size``, ``dtype``, ``device``, ``matvec``).
