@@ -26,7 +26,7 @@ from torch import Tensor
 from flatlab.errors import FlatlabError
 
 PARTIAL = 64  # entries per float32 partial sum of an accurate reduction
-_COMBINE_BYTES = 1 << 21  # temporary of combine_rows
+_COMBINE_BYTES = 1 << 22  # temporary of combine_rows
 _PARTIAL_BYTES = 1 << 23  # temporaries of gram
 _DGKS = 2 ** -0.5  # Gram-Schmidt again when a pass removed more than this share of the norm
 

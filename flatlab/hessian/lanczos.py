@@ -200,9 +200,11 @@ def top_eigenvalues(op: Any, k: int = 5, *, tol: float = 1e-4, which: str = "lar
         w = product(op, basis[n - 1])
         used += 1
         alpha = float(dots(basis[n - 1, None], w)[0])
-        w.add_(basis[n - 1], alpha=-alpha)
-        if projection.diagonal:  # the three-term recurrence; after a restart GS does it
-            w.add_(basis[n - 2], alpha=-projection.offdiagonal[-1])
+        if projection.diagonal:  # the three-term recurrence (after a restart, GS does it)
+            coefficients = torch.tensor([projection.offdiagonal[-1], alpha])
+            w.addmv_(basis[n - 2:n].T, coefficients.to(w.device, w.dtype), alpha=-1.0)
+        else:
+            w.add_(basis[n - 1], alpha=-alpha)
         beta = orthogonalize(basis[:n], w)
         projection.diagonal.append(alpha)
         theta, vectors = projection.eigh()
