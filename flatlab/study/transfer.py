@@ -416,7 +416,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     study = study_config(settings, quick=args.quick, seeds=seeds, methods=methods)
     out = args.out or (QUICK_OUT if args.quick else DEFAULT_OUT)
     runs_dir = args.runs_dir or (out / "runs" if args.quick else DEFAULT_RUNS)
-    command = "python -m flatlab.study transfer" + (" " + shlex.join(argv) if argv else "")
+    shown = [a for a in argv if a != "--report-only"]  # the command that makes these numbers
+    command = "python -m flatlab.study transfer" + (" " + shlex.join(shown) if shown else "")
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     started = time.perf_counter()
