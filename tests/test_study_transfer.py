@@ -266,3 +266,9 @@ def test_quick_transfer_study_end_to_end(tmp_path):
     before = results["key"].tolist()
     assert main(["transfer", "--quick", "--out", str(out)]) == 0
     assert pd.read_csv(out / "results.csv")["key"].tolist() == before
+    # --report-only rewrites the report from results.csv, naming the command that made it
+    (out / "report.md").unlink()
+    assert main(["transfer", "--quick", "--out", str(out), "--report-only"]) == 0
+    report = (out / "report.md").read_text(encoding="utf-8")
+    assert "Headline" in report and "--report-only" not in report
+    assert pd.read_csv(out / "results.csv")["key"].tolist() == before

@@ -133,7 +133,7 @@ def study_config(settings: Sequence[Setting], *, quick: bool = False, seeds: int
     """The fine-tuning plan: protocol fields shared, validation held out in every run.
     ``quick``: one grid value per baseline, two for NSO, one sweep seed, small budgets."""
     if quick:
-        sweep = {name: (arg, (values[2], values[4]) if name == "nso" else (values[2],))
+        sweep = {name: (arg, (values[1], values[-1]) if name == "nso" else (values[1],))
                  for name, (arg, values) in SWEEP.items()}
         return StudyConfig(settings=tuple(settings), seeds=tuple(range(seeds)), sweep=sweep,
                            methods=tuple(methods), batch_size=32, lr=1e-3, weight_decay=0.0,
