@@ -11,7 +11,7 @@ import pytest
 
 from flatlab import __version__
 from flatlab.__main__ import main as flatlab_main
-from flatlab.study import cli, scratch
+from flatlab.study import cli, plan, scratch
 from flatlab.study.runner import RESULTS_CSV
 
 
@@ -52,8 +52,8 @@ def test_quick_scratch_study_end_to_end(tmp_path, capsys):
     out = tmp_path / "quick"
     assert cli.main(["scratch", "--quick", "--out", str(out)]) == 0
     rows = pd.read_csv(out / RESULTS_CSV)
-    sweep_values = sum(len(values) for _, values in scratch.quick_config().sweep.values())
-    assert (rows["phase"] == "sweep").sum() == 2 * 4 == sweep_values
+    planned = len(plan.sweep_runs(scratch.quick_config()))  # 2 values x 4 swept methods
+    assert (rows["phase"] == "sweep").sum() == 2 * 4 == planned
     assert (rows["phase"] == "final").sum() == 8          # 8 variants x 1 seed
     assert (rows["status"] == "ok").all() and (rows["epochs"] <= 8).all()
     report = (out / "report.md").read_text()

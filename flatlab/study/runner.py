@@ -211,12 +211,14 @@ def pool_map(function: Callable[..., Any], items: Sequence[Item], *args: Any,
 
 def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int = 1,
             shard: Shard | None = None, say: Callable[[str], None] = print,
-            execute: Callable[[RunSpec, Path, Path], dict] = execute,
+            execute: Callable[[RunSpec, Path, Path], dict] | None = None,
             columns: Sequence[str] = RESULT_COLUMNS) -> pd.DataFrame:
     """Run what the results lack (by key), and with ``shard`` only the shard's part, appending
     each row as it finishes; return every known row (all shards'). ``execute(run, runs_dir,
     out) -> row`` (a module-level function, for the process pool) and the results' ``columns``
     are the scratch study's unless a preset measures something else."""
+    if execute is None:  # looked up at call time (tests replace the module's function)
+        execute = globals()["execute"]
     results = read_results(out, columns)
     have = set(results["key"].astype(str))
     mine = shard.select(runs) if shard else list(runs)
