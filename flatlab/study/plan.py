@@ -22,6 +22,7 @@ order or subset of it a process sees.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -29,6 +30,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
+from pathlib import Path
 
 import torch
 
@@ -314,3 +316,21 @@ class Shard:
 
     def __str__(self) -> str:
         return f"{self.index}/{self.count}"
+
+
+def add_study_flags(parser: argparse.ArgumentParser, *, default_out: Path, quick_out: Path,
+                    default_runs: Path, quick_help: str, seeds_help: str) -> None:
+    """The flags every study preset takes: --out, --runs-dir, --quick, --seeds, --settings,
+    --jobs (each preset adds its own, e.g. --shard with its wording)."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default {default_out}; with --quick "
+                             f"{quick_out})")
+    parser.add_argument("--runs-dir", type=Path, default=None,
+                        help=f"where checkpoints go (default {default_runs}; with --quick "
+                             f"OUT/runs)")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seeds", type=int, default=None, help=seeds_help)
+    parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
+                        help="only these settings (default: all)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs in parallel, one CPU thread each (default 1)")

@@ -96,12 +96,10 @@ def read_metrics(path: Path) -> list[dict]:
     return pd.read_csv(path).to_dict("records")
 
 
-def execute(run: RunSpec, runs_dir: Path, out: Path) -> dict:
-    """Train ``run`` (or resume or reuse it), analyse it if final; return its results row.
-
-    The training log goes to ``RUNS_DIR/<run_name>.log``; a final run's analysis entry and
-    training curve to ``OUT/analysis/<key>.json`` (what the report is drawn from).
-    """
+def train_logged(run: RunSpec, runs_dir: Path) -> tuple[TrainConfig, dict, Any]:
+    """Train ``run`` (or resume or reuse it) in ``RUNS_DIR/<run_name>``, its log in
+    ``RUNS_DIR/<run_name>.log``; return its config, its row header and the training outcome,
+    or ``None`` for the outcome (and the row's status saying why) when the run diverged."""
     run_dir = runs_dir / run.run_name
     config = TrainConfig.from_dict(dict(run.config, out=str(run_dir)))
     row = row_header(run)
@@ -109,9 +107,20 @@ def execute(run: RunSpec, runs_dir: Path, out: Path) -> dict:
     try:
         with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log, \
                 contextlib.redirect_stdout(log):
-            outcome = train_or_resume(config, progress=False)
+            return config, row, train_or_resume(config, progress=False)
     except DivergenceError as err:
         row.update(status=f"diverged: {err}".splitlines()[0][:200])
+        return config, row, None
+
+
+def execute(run: RunSpec, runs_dir: Path, out: Path) -> dict:
+    """Train ``run`` (or resume or reuse it), analyse it if final; return its results row.
+
+    The training log goes to ``RUNS_DIR/<run_name>.log``; a final run's analysis entry and
+    training curve to ``OUT/analysis/<key>.json`` (what the report is drawn from).
+    """
+    config, row, outcome = train_logged(run, runs_dir)
+    if outcome is None:
         return row
     last = outcome.metrics[-1]
     row.update(status="ok", grad_evals=int(last["grad_evals"]),

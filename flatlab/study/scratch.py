@@ -28,7 +28,7 @@ import torch
 from flatlab.errors import FlatlabError
 from flatlab.reporting.page import markdown_table
 from flatlab.study.pipeline import run_study
-from flatlab.study.plan import Method, Setting, Shard, StudyConfig
+from flatlab.study.plan import Method, Setting, Shard, StudyConfig, add_study_flags
 from flatlab.study.report import comparison_table
 from flatlab.study.runner import RESULTS_CSV
 
@@ -78,20 +78,10 @@ def quick_config(seeds: int = 1) -> StudyConfig:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """The scratch study's flags."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output directory (default {DEFAULT_OUT}; with --quick "
-                             f"{QUICK_OUT})")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help=f"where checkpoints go (default {DEFAULT_RUNS}; with --quick "
-                             f"OUT/runs)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: one setting, 4 epochs, 1 seed, 2-point sweep")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="number of seeds of the final runs (default 3; 1 with --quick)")
-    parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
-                        help="only these settings (default: all)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel, one CPU thread each (default 1)")
+    add_study_flags(parser, default_out=DEFAULT_OUT, quick_out=QUICK_OUT,
+                    default_runs=DEFAULT_RUNS,
+                    quick_help="smoke test: one setting, 4 epochs, 1 seed, 2-point sweep",
+                    seeds_help="number of seeds of the final runs (default 3; 1 with --quick)")
     parser.add_argument("--shard", type=Shard.parse, default=None, metavar="I/N",
                         help="run only the I-th of N parts of the plan (1 <= I <= N; "
                              "partitioned by run key) and write no report; a later invocation "

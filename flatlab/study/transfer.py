@@ -52,8 +52,16 @@ import pandas as pd
 import torch
 
 from flatlab.data import Dataset, load_dataset
-from flatlab.errors import DivergenceError, FlatlabError
-from flatlab.study.plan import Method, RunSpec, Setting, Shard, StudyConfig, key_config
+from flatlab.errors import FlatlabError
+from flatlab.study.plan import (
+    Method,
+    RunSpec,
+    Setting,
+    Shard,
+    StudyConfig,
+    add_study_flags,
+    key_config,
+)
 from flatlab.study.plan import final_runs as plan_final_runs
 from flatlab.study.plan import sweep_runs as plan_sweep_runs
 from flatlab.study.runner import (
@@ -62,8 +70,8 @@ from flatlab.study.runner import (
     pool_map,
     read_metrics,
     read_results,
-    row_header,
     run_all,
+    train_logged,
     train_or_resume,
 )
 from flatlab.study.statistics import select_hyperparameters
@@ -201,16 +209,9 @@ def execute(run: RunSpec, runs_dir: Path, out: Path) -> dict:
     ``test_acc``/``test_loss`` are the best-validation checkpoint's validation numbers for a
     sweep run (what selection reads) and its test numbers for a final run."""
     run_dir = runs_dir / run.run_name
-    config = TrainConfig.from_dict(dict(run.config, out=str(run_dir)))
-    row = row_header(run)
+    config, row, outcome = train_logged(run, runs_dir)
     row["lr"] = config.lr
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log, \
-                contextlib.redirect_stdout(log):
-            outcome = train_or_resume(config, progress=False)
-    except DivergenceError as err:
-        row.update(status=f"diverged: {err}".splitlines()[0][:200])
+    if outcome is None:
         return row
     metrics = read_metrics(run_dir / "metrics.csv")
     last = metrics[-1]
@@ -360,20 +361,10 @@ def backbone_path(config: TrainConfig) -> Path:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     """The transfer study's flags."""
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output directory (default {DEFAULT_OUT}; with --quick "
-                             f"{QUICK_OUT})")
-    parser.add_argument("--runs-dir", type=Path, default=None,
-                        help=f"where checkpoints go (default {DEFAULT_RUNS}; with --quick "
-                             f"OUT/runs)")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke test: one setting, 4 epochs, 2 seeds, 2-point sweeps")
-    parser.add_argument("--seeds", type=int, default=None,
-                        help="fine-tuning seeds of the final runs (default 5; 2 with --quick)")
-    parser.add_argument("--settings", nargs="+", default=None, metavar="NAME",
-                        help="only these settings (default: all)")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs in parallel, one CPU thread each (default 1)")
+    add_study_flags(parser, default_out=DEFAULT_OUT, quick_out=QUICK_OUT,
+                    default_runs=DEFAULT_RUNS,
+                    quick_help="smoke test: one setting, 4 epochs, 2 seeds, 2-point sweeps",
+                    seeds_help="fine-tuning seeds of the final runs (default 5; 2 with --quick)")
     parser.add_argument("--arms", nargs="+", default=None, metavar="ARM",
                         help=f"only these arms (default all: "
                              f"{', '.join(m.label for m in METHODS)}); run keys do not depend "
