@@ -343,7 +343,7 @@ def test_state_dict_holds_optimizer_state_hyperparameters_and_generator_only():
     assert state["param_groups"][0]["noise"] == "filter"
     assert state["flatlab"]["generator_state"].dtype == torch.uint8
     assert {k: v for k, v in state["flatlab"].items() if k != "generator_state"} == {
-        "num_perturbs": 3, "two_sided": True, "clean_weight": 0.2}
+        "num_perturbs": 3, "two_sided": True, "clean_weight": 0.2, "clean_pass": False}
     fresh = NSO(mlp().parameters(), lr=0.5)
     fresh.load_state_dict(state)
     loaded = (fresh.num_perturbs, fresh.clean_weight, fresh.param_groups[0]["sigma"])
@@ -425,6 +425,46 @@ def test_nso_batchnorm_stats_come_from_the_first_pass_only(clean_weight):
     opt.step(mlp_closure(unprotected, opt, x, y))
     assert unprotected[1].num_batches_tracked.item() == opt.gradient_evaluations
 
+
+def test_nso_clean_pass_takes_batchnorm_stats_at_w_and_leaves_the_update_unchanged():
+    x, y = batch()
+    models, steps = [], []
+    for clean_pass in (False, True):
+        model = mlp(batchnorm=True)
+        nso = NSO(model.parameters(), sigma=0.3, num_perturbs=2, seed=4, lr=0.1, model=model,
+                  clean_pass=clean_pass)
+        at_w = one_forward_buffers(model, params_of(model), x)
+        closure = mlp_closure(model, nso, x, y)
+        losses = []
+
+        def counted(closure=closure, losses=losses):
+            loss = closure()
+            losses.append(float(loss.detach()))
+            return loss
+
+        returned = nso.step(counted)
+        models.append(model)
+        steps.append((nso.gradient_evaluations, losses, float(returned.detach()), at_w))
+    (passes_off, losses_off, _, _), (passes_on, losses_on, returned_on, at_w) = steps
+    assert (passes_off, passes_on) == (4, 5) and len(losses_on) == 5
+    # the extra pass is the first, at W: the step returns its (clean) loss ...
+    assert returned_on == losses_on[0]
+    # ... the perturbed passes see the same noise, and the update ignores the clean gradient
+    assert losses_on[1:] == losses_off
+    for p, q in zip(models[0].parameters(), models[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+    # the running statistics are those of one forward pass at W, counted once
+    for b, e in zip(models[1].buffers(), at_w, strict=True):
+        torch.testing.assert_close(b, e, rtol=0, atol=1e-15)
+    assert models[1][1].num_batches_tracked.item() == 1
+    assert not torch.allclose(models[0][1].running_mean, models[1][1].running_mean)
+
+
+def test_build_optimizer_takes_clean_pass_for_nso_only():
+    param = torch.zeros(3, requires_grad=True)
+    assert build_optimizer("nso", [param], lr=0.1, clean_pass=True).gradient_evaluations == 3
+    with pytest.raises(ValueError, match="clean_pass does not apply"):
+        build_optimizer("sam", [param], lr=0.1, clean_pass=True)
 
 @pytest.mark.parametrize("method", ["sam", "asam", "rwp"])
 def test_sam_and_rwp_batchnorm_stats_come_from_the_clean_pass(method):

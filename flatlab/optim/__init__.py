@@ -69,7 +69,7 @@ _METHOD_ARGS: dict[str, tuple[str, ...]] = {
     "sam": ("rho",),
     "asam": ("rho",),
     "rwp": ("sigma", "num_perturbs", "noise", "clean_weight"),
-    "nso": ("sigma", "num_perturbs", "noise", "clean_weight"),
+    "nso": ("sigma", "num_perturbs", "noise", "clean_weight", "clean_pass"),
 }
 
 
@@ -85,6 +85,7 @@ def build_optimizer(
     rho: float | None = None,
     noise: str | None = None,
     clean_weight: float | None = None,
+    clean_pass: bool | None = None,
     seed: int = 0,
     base: str = "sgd",
     model: nn.Module | None = None,
@@ -107,7 +108,7 @@ def build_optimizer(
         raise ValueError(
             f"unknown base optimizer {base!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
     given = {"sigma": sigma, "num_perturbs": num_perturbs, "rho": rho, "noise": noise,
-             "clean_weight": clean_weight}
+             "clean_weight": clean_weight, "clean_pass": clean_pass}
     given = {key: value for key, value in given.items() if value is not None}
     unused = sorted(set(given) - set(_METHOD_ARGS[name]))
     if unused:

@@ -28,7 +28,7 @@ class NSO(PerturbationOptimizer):
     with :math:`k` = ``num_perturbs`` and :math:`\lambda` = ``clean_weight``. Every gradient
     is taken on the same minibatch (one ``closure()`` call each); ``W`` is restored from a
     saved copy before the base step. Passes per step: ``2k`` (``k`` one-sided), plus one
-    clean pass at ``W`` only when :math:`\lambda > 0` (run first). Since
+    clean pass at ``W`` (run first) when :math:`\lambda > 0` or ``clean_pass``. Since
     :math:`F \approx f + \tfrac{\sigma^2}{2}\operatorname{tr} H`, NSO penalises the Hessian
     trace; the two-sided average cancels the odd-order terms of the Taylor expansion.
 
@@ -39,6 +39,10 @@ class NSO(PerturbationOptimizer):
         num_perturbs: number of draws ``k`` per step (>= 1).
         two_sided: evaluate at ``W + U`` and ``W - U`` (True) or ``W + U`` only.
         clean_weight: weight :math:`\lambda \in [0, 1]` of the clean gradient.
+        clean_pass: take the clean pass at ``W`` even when :math:`\lambda = 0` (its gradient
+            then has weight 0 and the update is unchanged): with ``model=``, BatchNorm running
+            statistics are then ``W``'s, as in the paper's official code, for one more pass
+            per step.
         noise: ``"absolute"``: :math:`U \sim \mathcal N(0, \sigma^2 I)`; ``"filter"``: each
             output filter ``W_j`` (slice along dim 0) gets std :math:`\sigma \lVert W_j\rVert_2`,
             a 0-D/1-D tensor (bias, norm scale) std :math:`\sigma \lVert W \rVert_2`.
@@ -50,7 +54,7 @@ class NSO(PerturbationOptimizer):
             noise on every rank); by default every rank draws the same noise.
         model: the model (or its ``DistributedDataParallel`` wrapper). Given, its buffers
             (BatchNorm running statistics) keep the values from the *first* pass of each
-            step (the clean pass if :math:`\lambda > 0`, else the pass at ``W + U_1``), and
+            step (the clean pass at ``W`` if there is one, else the pass at ``W + U_1``), and
             under DDP the passes run in ``no_sync()`` with one gradient all-reduce per step.
         **base_kwargs: ``lr``, ``momentum``, ``weight_decay``, ... for the base optimizer.
 
@@ -59,7 +63,7 @@ class NSO(PerturbationOptimizer):
     recipe: the closure calls ``scaler.scale(loss).backward()``; see ``flatlab.optim``.
     """
 
-    _global_hyperparameters = ("num_perturbs", "two_sided", "clean_weight")
+    _global_hyperparameters = ("num_perturbs", "two_sided", "clean_weight", "clean_pass")
 
     def __init__(
         self,
@@ -70,6 +74,7 @@ class NSO(PerturbationOptimizer):
         num_perturbs: int = 1,
         two_sided: bool = True,
         clean_weight: float = 0.0,
+        clean_pass: bool = False,
         noise: str = "absolute",
         generator: torch.Generator | None = None,
         seed: int | None = None,
@@ -83,6 +88,7 @@ class NSO(PerturbationOptimizer):
             raise ValueError(f"Invalid clean_weight: {clean_weight!r} (must be in [0, 1])")
         self.num_perturbs, self.two_sided = num_perturbs, bool(two_sided)
         self.clean_weight = float(clean_weight)
+        self.clean_pass = bool(clean_pass)
         super().__init__(params, base_optimizer, {"sigma": sigma, "noise": noise}, base_kwargs,
                          model=model, uses_noise=True, generator=generator, seed=seed,
                          independent_noise=independent_noise)
@@ -93,7 +99,11 @@ class NSO(PerturbationOptimizer):
     @property
     def gradient_evaluations(self) -> int:
         sides = 2 if self.two_sided else 1
-        return sides * self.num_perturbs + (1 if self.clean_weight > 0 else 0)
+        return sides * self.num_perturbs + (1 if self._has_clean_pass else 0)
+
+    @property
+    def _has_clean_pass(self) -> bool:
+        return self.clean_weight > 0 or self.clean_pass
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *,  # type: ignore[override]
@@ -103,7 +113,7 @@ class NSO(PerturbationOptimizer):
         weight = (1.0 - self.clean_weight) / (self.num_perturbs * len(signs))
         clean_loss, losses = None, []
         with self._perturbation_step(scaler):
-            if self.clean_weight > 0:
+            if self._has_clean_pass:
                 clean_loss = self._evaluate(closure, self.clean_weight)
             for _ in range(self.num_perturbs):
                 noise = self._draw_noise()

@@ -119,10 +119,12 @@ class StudyConfig:
         return self.sweep_seeds or (self.sweep_seed,)
 
 
-def passes_per_step(optimizer: str, num_perturbs: int | None = None) -> int:
+def passes_per_step(optimizer: str, num_perturbs: int | None = None,
+                    clean_pass: bool = False) -> int:
     """Forward/backward passes one step of this optimizer makes (by the library's count)."""
     param = torch.zeros(1, requires_grad=True)
-    opt = build_optimizer(optimizer, [param], lr=0.1, num_perturbs=num_perturbs)
+    opt = build_optimizer(optimizer, [param], lr=0.1, num_perturbs=num_perturbs,
+                          clean_pass=clean_pass or None)
     return gradient_evaluations_per_step(opt)
 
 
@@ -157,7 +159,8 @@ def plan_variants(methods: Sequence[Method], epochs: int) -> list[Variant]:
     reference = passes_per_step(REFERENCE_OPTIMIZER)
     variants: dict[tuple[str, int], Variant] = {}
     for method in methods:
-        passes = passes_per_step(method.optimizer, method.num_perturbs)
+        passes = passes_per_step(method.optimizer, method.num_perturbs,
+                                 bool(method.train_args.get("clean_pass")))
         for budget in BUDGETS:
             e = epochs if budget == SAME_EPOCHS else matched_epochs(epochs, passes, reference)
             key = (method.label, e)

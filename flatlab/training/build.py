@@ -133,7 +133,8 @@ def _optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
             config.optimizer, model.parameters(), lr=config.lr, momentum=config.momentum,
             weight_decay=config.weight_decay, sigma=config.sigma,
             num_perturbs=config.num_perturbs, rho=config.rho, noise=config.noise,
-            clean_weight=config.clean_weight, seed=config.seed, base=config.base_optimizer,
+            clean_weight=config.clean_weight, clean_pass=config.clean_pass or None,
+            seed=config.seed, base=config.base_optimizer,
             model=model, independent_noise=config.independent_noise,
             base_kwargs=config.base_kwargs)
     except FlatlabError:

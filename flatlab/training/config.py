@@ -82,6 +82,10 @@ class TrainConfig(DeclaredConfig):
                                choices=NOISE_TYPES, record="changed")
     clean_weight: float | None = option(None, "NSO/RWP weight of the clean gradient", low=0.0,
                                         high=1.0, record="changed")
+    clean_pass: bool = option(
+        False, "NSO: a pass at W every step even with clean weight 0 (its gradient unused): "
+        "BatchNorm running statistics come from W, as the paper's code; one more pass per step",
+        record="changed", only_with=("optimizer", ("nso",)))
     independent_noise: bool = option(
         False, "NSO/RWP under torchrun: a different noise draw on every process (default: the "
         "same draw on all)", record="changed", only_with=("optimizer", ("nso", "rwp")))
