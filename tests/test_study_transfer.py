@@ -215,8 +215,14 @@ def test_transfer_plan_protocol_and_stretched_step_schedule():
     final = transfer.planned(study, "final", {})
     epochs_and_period = {(r.variant.name, r.config["epochs"], r.config["step_every"])
                          for r in final}
-    assert {("adam", 30, 10), ("adam (2E)", 60, 20), ("nso k=2 (E/2)", 15, 5),
-            ("nso k=2", 30, 10)} <= epochs_and_period
+    # NSO's pass at W (BatchNorm statistics at W) is counted: k=1 3 passes, k=2 5, so SAM's
+    # budget (2 passes x 30 epochs) is 20 and 12 epochs; the step period rounds 10 x e / 30
+    assert {("adam", 30, 10), ("adam (2E)", 60, 20), ("nso (20 epochs)", 20, 7),
+            ("nso k=2 (12 epochs)", 12, 4), ("nso k=2", 30, 10)} <= epochs_and_period
+    passes = {r.variant.name: r.variant.passes for r in final}
+    assert passes["nso"] == passes["nso-filter"] == 3 and passes["nso k=2"] == 5
+    assert all(bool(r.config.get("clean_pass")) == (r.variant.method.optimizer == "nso")
+               for r in final)
     config = final[0].config
     assert (config["base_optimizer"], config["base_kwargs"], config["weight_decay"],
             config["batch_size"], config["keep"], config["init_partial"]) == (
@@ -225,9 +231,11 @@ def test_transfer_plan_protocol_and_stretched_step_schedule():
     assert len({r.seed for r in final}) == 5
     sweep = transfer.planned(study, "sweep")
     assert {r.seed for r in sweep} == {0, 1}
-    for _, values in transfer.SWEEP.values():
+    for name, (_, values) in transfer.SWEEP.items():
         ratios = np.array(values[1:]) / np.array(values[:-1])
         assert ratios.max() <= 1.5 * 1.01  # values rounded to 3 significant digits
+        assert values[-1] / values[0] > 30, name  # wide enough to fall off on both sides
+    assert transfer.SWEEP["nso"][1][0] <= 0.002 and transfer.SWEEP["sam"][1][0] <= 0.005
 
 
 def test_scratch_sweeps_are_geometric_with_ratio_at_most_1_5():
@@ -251,7 +259,8 @@ def test_quick_transfer_study_end_to_end(tmp_path):
                    "sigma_rel"):
         assert column in results, column
     final = results[results["phase"] == "final"]
-    assert len(final) == 9 * 2 and (final["status"] == "ok").all()
+    assert len(final) == 11 * 2 and (final["status"] == "ok").all()  # 11 variants, 2 seeds
+    assert (final["passes_per_step"] == final["optimizer"].map({"sgd": 1, "sam": 2, "asam": 2, "rwp": 2, "nso": 1}).where(final["optimizer"] != "nso", 1 + 2 * final["num_perturbs"])).all()
     assert final[["trace", "lambda1", "trace_paper", "lambda_paper"]].gt(0).all().all()
     assert (final["dist_from_init"] > 0).all()
     nso = final[final["optimizer"] == "nso"]

@@ -1,5 +1,5 @@
 r"""What the transfer study measures on a fine-tuned run, and the pretrained backbone it starts
-from.
+from (:func:`pretrain`: one source run per setting, :data:`SOURCES`, :data:`PRETRAIN`).
 
 A fine-tuning run starts from a *backbone*: the pretrained model's ``state_dict`` without its
 head (the last ``nn.Linear``), written as a plain ``.safetensors`` state dict
@@ -39,6 +39,9 @@ trained on, at most ``samples``), loss = mean cross-entropy:
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -59,6 +62,9 @@ from flatlab.hessian import (
     top_eigenvalues,
     trace,
 )
+from flatlab.study.plan import Setting, key_config
+from flatlab.study.runner import train_or_resume
+from flatlab.train import TrainConfig
 
 MEASURE_COLUMNS = (
     "test_acc_best", "test_acc_last", "train_loss_at_w", "trace", "trace_se", "trace_paper",
@@ -174,3 +180,50 @@ def measure(best: Path, last: Path, backbone: Path, train: Dataset, test: Datase
     mean = batch_mean(per_batch)
     row.update(lambda_paper=mean.estimate, lambda_paper_se=mean.stderr)
     return row
+
+
+# --------------------------------------------------------------------------- pretraining
+
+# The source task of each setting: TrainConfig fields of its one pretraining run.
+SOURCES: dict[str, dict] = {
+    "mnist1d-cnn1d-bn": {"dataset_kwargs": {"classes": [0, 1, 2, 3, 4], "num_samples": 25000,
+                                            "generation_seed": 7}, "epochs": 10},
+    "digits-resnet8": {"dataset_kwargs": {"classes": [0, 1, 2, 3, 4]}, "epochs": 30},
+}
+PRETRAIN = {"optimizer": "sgd", "base_optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0,
+            "batch_size": 64, "schedule": "cosine", "seed": 0, "device": "cpu"}
+
+
+
+def pretrain_config(setting: Setting, runs_dir: Path, *, epochs: int | None = None
+                    ) -> TrainConfig:
+    """The source model's run: the setting's data set and model on the source classes."""
+    source = SOURCES[setting.name]
+    fields = dict(PRETRAIN, dataset=setting.dataset, dataset_kwargs=source["dataset_kwargs"],
+                  model=setting.model, model_kwargs=dict(setting.model_kwargs),
+                  epochs=epochs or source["epochs"])
+    key = hashlib.sha256(json.dumps(key_config(fields), sort_keys=True,
+                                    default=str).encode()).hexdigest()[:8]
+    return TrainConfig(**fields, out=str(runs_dir / setting.name / f"pretrain-{key}")).validate()
+
+
+def pretrain(config: TrainConfig) -> dict:
+    """Train (or reuse) a source model, write its head-less ``backbone.safetensors`` beside
+    it; return ``{"backbone", "test_acc", "seconds", "status"}``."""
+    run_dir = Path(config.out)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log, \
+            contextlib.redirect_stdout(log):
+        outcome = train_or_resume(config, progress=False)
+    backbone = backbone_path(config)
+    if not backbone.is_file():
+        write_backbone(outcome.checkpoint, backbone)
+    last = outcome.metrics[-1]
+    return {"backbone": str(backbone), "test_acc": float(last["test_acc"]),
+            "seconds": float(last["seconds"]), "status": outcome.status}
+
+
+def backbone_path(config: TrainConfig) -> Path:
+    """Where :func:`pretrain` writes the head-less weights of the source run ``config``."""
+    run_dir = Path(config.out)
+    return run_dir.with_name(run_dir.name + "-backbone.safetensors")

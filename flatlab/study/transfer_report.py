@@ -272,15 +272,16 @@ def _setup(page: Page, result: dict) -> None:
             f"per setting from {LEARNING_RATES} with plain Adam (validation accuracy of the "
             "best-validation checkpoint, mean of 2 seeds), then shared by every arm.",
             "Arms: Adam at E and 2E (same gradient evaluations as SAM), SAM, ASAM, RWP "
-            "(filter noise, clean weight 0.5), NSO (absolute noise), NSO with filter noise, "
-            "NSO k=2 at E (twice SAM's passes) and E/2 (SAM's passes); the StepLR period "
-            "stretches with the run (20 epochs at 2E, 5 at E/2). NSO k=2 uses NSO k=1's σ.",
+            "(filter noise, clean weight 0.5; 2 passes per step), NSO (absolute noise), NSO "
+            "with filter noise (3 passes per step with the pass at W) at E and at 2E/3 (SAM's "
+            "passes), NSO k=2 (5 passes) at E and at 12 epochs (SAM's passes); the StepLR "
+            "period stretches with the run (round(10 x epochs / E)). NSO k=2 uses NSO k=1's σ.",
             "Head: every fine-tuning run starts from the source model's weights without its "
             "head (the last linear layer), which keeps the fresh initialisation of the run's "
             "seed (--init-from backbone.safetensors --init-partial).",
-            "BatchNorm: running statistics from each step's first pass (SAM/ASAM/RWP: at W; "
-            "NSO with clean weight 0: at W+U₁, where the official code spends an extra pass "
-            "at W). Measurements in eval mode.",
+            "BatchNorm: running statistics at W, as the official code: SAM/ASAM/RWP keep "
+            "those of their clean first pass, NSO makes a pass at W with gradient weight 0 "
+            "(--clean-pass) and keeps its statistics. Measurements in eval mode.",
             "Measurements on the best-validation checkpoint, eval mode, on the run's training "
             f"split (at most {main.samples} examples), see flatlab.study.transfer_measure: "
             f"trace and trace_se: Hutch++ with {main.trace_matvecs} products over all "
