@@ -260,7 +260,9 @@ def test_quick_transfer_study_end_to_end(tmp_path):
         assert column in results, column
     final = results[results["phase"] == "final"]
     assert len(final) == 11 * 2 and (final["status"] == "ok").all()  # 11 variants, 2 seeds
-    assert (final["passes_per_step"] == final["optimizer"].map({"sgd": 1, "sam": 2, "asam": 2, "rwp": 2, "nso": 1}).where(final["optimizer"] != "nso", 1 + 2 * final["num_perturbs"])).all()
+    expected = final["optimizer"].map({"sgd": 1, "sam": 2, "asam": 2, "rwp": 2})
+    expected = expected.where(final["optimizer"] != "nso", 1 + 2 * final["num_perturbs"])
+    assert (final["passes_per_step"] == expected).all()  # NSO: the pass at W counts
     assert final[["trace", "lambda1", "trace_paper", "lambda_paper"]].gt(0).all().all()
     assert (final["dist_from_init"] > 0).all()
     nso = final[final["optimizer"] == "nso"]
@@ -281,3 +283,28 @@ def test_quick_transfer_study_end_to_end(tmp_path):
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Headline" in report and "--report-only" not in report
     assert pd.read_csv(out / "results.csv")["key"].tolist() == before
+
+
+def test_grid_falloff_needs_a_drop_of_more_than_one_validation_example_on_each_side():
+    from flatlab.study.transfer_report import edge_choices, grid_falloff
+
+    n_val = 250  # means of 2 seeds: steps of 1/500; one example = 1/250 = 0.4 points
+
+    def sweep(name, accs, chosen):
+        return pd.DataFrame({"setting": "s", "optimizer": name, "hyperparameter": "sigma",
+                             "hyper_value": [0.002 * 1.5 ** i for i in range(len(accs))],
+                             "val_acc": [a / (2 * n_val) for a in accs],
+                             "chosen": [i == chosen for i in range(len(accs))]})
+    table = pd.concat([
+        sweep("nso", [440, 460, 465, 450, 420], 2),   # both ends lower by >= 5 half-examples
+        sweep("sam", [464, 464, 465, 466, 400], 3),   # low end exactly one example lower
+        sweep("rwp", [470, 465, 460, 455, 454], 0),   # chosen at the low edge
+        sweep("asam", [462, 462, 464, 463, 462], 2),  # ends 2 half-examples = 1 example lower
+    ], ignore_index=True)
+    falloff = grid_falloff(table).set_index("sweep")
+    assert falloff.loc["nso", "falls off"] == "both sides"
+    assert falloff.loc["sam", "falls off"] == "high side only"
+    assert falloff.loc["rwp", "falls off"] == "high side only"
+    assert falloff.loc["asam", "falls off"] == "neither"  # exactly one example is not "more"
+    assert falloff.loc["nso", "lowest value: drop (pts)"] == f"{100 * 25 / 500:.2f}"
+    assert edge_choices(table) == ["s rwp sigma=0.002 (lowest of 5)"]

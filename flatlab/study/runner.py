@@ -194,7 +194,8 @@ def read_results(out: Path, columns: Sequence[str] = RESULT_COLUMNS) -> pd.DataF
     # columns added later, filled for rows written before them
     for column, default in (("noise", rows["optimizer"].map(DEFAULT_NOISE)),
                             ("sweep", rows["optimizer"])):
-        rows[column] = rows[column].fillna(default) if column in rows else default
+        rows[column] = (rows[column].astype(object).fillna(default.astype(object))
+                        if column in rows else default)
     return rows[[c for c in columns if c in rows] + [c for c in rows if c not in columns]]
 
 

@@ -167,6 +167,13 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
     page.add(Heading("Learning rate (plain Adam, validation, mean of 2 seeds)"),
              Table(_shown(lr_table)))
     page.add(Heading("Sweeps (validation, mean of 2 seeds)"), Table(_shown(sweep_table)))
+    falloff = grid_falloff(sweep_table)
+    if not falloff.empty:
+        page.add(Paragraph(
+            "Does validation accuracy fall off on both sides of the chosen value? Mean "
+            "validation accuracy (2 seeds) at the chosen value and at the lowest and highest "
+            "grid values; 'both sides' when each end is lower by more than one validation "
+            "example."), Table(falloff))
     edges = edge_choices(pd.concat([lr_table, sweep_table], ignore_index=True))
     if edges:
         page.add(Paragraph(
@@ -234,6 +241,35 @@ def edge_choices(table: pd.DataFrame) -> list[str]:
             out.append(f"{setting} {'adam' if name == 'sgd' else name} "
                        f"{chosen['hyperparameter'].iloc[0]}={value:g} ({end} of {len(values)})")
     return out
+
+
+def grid_falloff(table: pd.DataFrame) -> pd.DataFrame:
+    """Per swept (setting, optimizer): validation accuracy at the chosen value and at both ends
+    of the grid, and whether both ends are lower by more than one validation example. The
+    size of one example is read off the accuracies: means of 2 seeds move in steps of
+    1 / (2 n_val), the smallest gap between a setting's distinct values."""
+    rows = []
+    gaps = {setting: np.diff(np.unique(np.round(group["val_acc"].to_numpy(float), 9)))
+            for setting, group in table.groupby("setting", sort=False)}
+    for (setting, name), group in table.groupby(["setting", "optimizer"], sort=False):
+        group = group.sort_values("hyper_value")
+        chosen = group[group["chosen"].astype(bool)]
+        if len(group) < 3 or chosen.empty or name == "sgd":
+            continue
+        acc = group["val_acc"].to_numpy(float)
+        one = 2 * float(gaps[setting].min()) if len(gaps[setting]) else 0.0  # 1 / n_val
+        best = float(chosen["val_acc"].iloc[0])
+        low, high = best - acc[0], best - acc[-1]
+        rows.append({"setting": setting, "sweep": name,
+                     "chosen": f"{chosen['hyperparameter'].iloc[0]}="
+                               f"{chosen['hyper_value'].iloc[0]:g}",
+                     "val acc (%)": f"{100 * best:.2f}",
+                     "lowest value: drop (pts)": f"{100 * low:.2f}",
+                     "highest value: drop (pts)": f"{100 * high:.2f}",
+                     "falls off": "both sides" if min(low, high) > one + 1e-12 else
+                     ("low side only" if low > one + 1e-12 else
+                      "high side only" if high > one + 1e-12 else "neither")})
+    return pd.DataFrame(rows)
 
 
 def _same_arm(table: pd.DataFrame) -> pd.Series:
