@@ -249,7 +249,7 @@ def grid_falloff(table: pd.DataFrame) -> pd.DataFrame:
     size of one example is read off the accuracies: means of 2 seeds move in steps of
     1 / (2 n_val), the smallest gap between a setting's distinct values."""
     rows = []
-    gaps = {setting: np.diff(np.unique(np.round(group["val_acc"].to_numpy(float), 9)))
+    gaps = {setting: np.diff(np.unique(np.round(group["val_acc"].to_numpy(float), 6)))
             for setting, group in table.groupby("setting", sort=False)}
     for (setting, name), group in table.groupby(["setting", "optimizer"], sort=False):
         group = group.sort_values("hyper_value")
@@ -266,9 +266,9 @@ def grid_falloff(table: pd.DataFrame) -> pd.DataFrame:
                      "val acc (%)": f"{100 * best:.2f}",
                      "lowest value: drop (pts)": f"{100 * low:.2f}",
                      "highest value: drop (pts)": f"{100 * high:.2f}",
-                     "falls off": "both sides" if min(low, high) > one + 1e-12 else
-                     ("low side only" if low > one + 1e-12 else
-                      "high side only" if high > one + 1e-12 else "neither")})
+                     "falls off": "both sides" if min(low, high) > one + 1e-6 else
+                     ("low side only" if low > one + 1e-6 else
+                      "high side only" if high > one + 1e-6 else "neither")})
     return pd.DataFrame(rows)
 
 
