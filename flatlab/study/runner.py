@@ -246,6 +246,8 @@ def run_all(runs: Sequence[RunSpec], out: Path, runs_dir: Path, *, jobs: int = 1
         if len(results) and (out / SHARDS_DIR).is_dir():
             write_csv(results, target)  # the shards' rows, aggregated
     new: list[dict] = []
+    # longest first (epochs x passes per step), so that no long run is left alone at the end
+    todo.sort(key=lambda run: -run.variant.epochs * run.variant.passes)
     for i, (run, row) in enumerate(pool_map(execute, todo, runs_dir, out, jobs=jobs), 1):
         own.append(row)
         new.append(row)
