@@ -285,3 +285,15 @@ def test_planned_rows_follow_the_plan_and_drop_stale_runs():
     runs = [SimpleNamespace(key=k) for k in ("a", "b", "c", "not-run-yet")]
     picked = planned_rows(rows, runs)
     assert picked["key"].tolist() == ["a", "b", "c"] and picked["value"].tolist() == [1, 2, 3]
+
+
+def test_a_tie_for_best_baseline_goes_to_the_first_however_the_mean_was_summed():
+    # the same accuracies in another order: (0.1 + 0.2) + 0.3 != (0.3 + 0.2) + 0.1 in floats
+    rows = _rows({("c", "sgd"): [(0.0, 5.0, 1.0)] * 3,
+                  ("c", "sam"): [(0.3, 5.0, 1.0), (0.2, 5.0, 1.0), (0.1, 5.0, 1.0)],
+                  ("c", "rwp"): [(0.1, 5.0, 1.0), (0.2, 5.0, 1.0), (0.3, 5.0, 1.0)],
+                  ("c", "nso k=1"): [(0.2, 4.0, 1.0)] * 3})
+    summary = summarize(rows).set_index("variant")
+    assert summary.loc["rwp", "test_acc_mean"] > summary.loc["sam", "test_acc_mean"]
+    comparison = compare(summarize(rows), rows).set_index(["budget", "quantity"])
+    assert comparison.loc[("same epochs", "test_acc"), "best_baseline"] == "sam"

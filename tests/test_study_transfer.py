@@ -253,6 +253,7 @@ def test_quick_transfer_study_end_to_end(tmp_path):
 
     out = tmp_path / "quick"
     assert main(["transfer", "--quick", "--out", str(out)]) == 0
+    assert "min wall clock" in (out / "report.md").read_text(encoding="utf-8")
     results = pd.read_csv(out / "results.csv")
     for column in ("test_acc_best", "test_acc_last", "train_loss_at_w", "trace", "trace_se",
                    "trace_paper", "lambda1", "lambda_paper", "dist_from_init", "norm_trace",
@@ -282,6 +283,7 @@ def test_quick_transfer_study_end_to_end(tmp_path):
     assert main(["transfer", "--quick", "--out", str(out), "--report-only"]) == 0
     report = (out / "report.md").read_text(encoding="utf-8")
     assert "Headline" in report and "--report-only" not in report
+    assert "wall clock" not in report  # a re-render does not pass its own time off as the study's
     assert pd.read_csv(out / "results.csv")["key"].tolist() == before
 
 

@@ -224,7 +224,10 @@ def compare(summary: pd.DataFrame, rows: pd.DataFrame,
             sam = baselines[baselines["optimizer"] == "sam"]
             for _, nso in nsos.iterrows():
                 for q in quantities:
-                    means = baselines[f"{q}_mean"]
+                    # 6 significant digits: a tie (two baselines with the same test
+                    # accuracy) goes to the first in plan order, however the means were summed
+                    # and whether the runs' values were read back from results.csv (8 digits)
+                    means = baselines[f"{q}_mean"].map(lambda v: float(f"{v:.6g}"))
                     best = baselines.loc[means.idxmax() if HIGHER_IS_BETTER[q] else means.idxmin()]
                     ours = _per_seed(final, setting, nso["variant"], q)
                     row = {"setting": setting, "budget": budget, "nso": nso["variant"],

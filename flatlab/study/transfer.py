@@ -386,6 +386,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if result is None:
         return 0
     index = write_transfer_report(result, out, command=command,
-                                  wall_seconds=time.perf_counter() - started)
+                                  wall_seconds=None if args.report_only
+                                  else time.perf_counter() - started)
     print(f"report: {index} (also {index.with_name('report.md')}, {out / 'results.csv'})")
     return 0

@@ -148,7 +148,7 @@ def write_transfer_report(result: dict, out: Path, *, command: str,
         f"in [{SUMMARY_CSV}]({SUMMARY_CSV}), [{COMPARISON_CSV}]({COMPARISON_CSV}), "
         f"[{SWEEP_CSV}]({SWEEP_CSV})."))
     ok = used[used["status"] == "ok"]
-    timing = (f"Compute recorded in results.csv (one CPU thread per run, on a shared machine): "
+    timing = (f"Compute recorded in results.csv (one CPU thread per run): "
               f"{pd.to_numeric(ok['train_seconds'], errors='coerce').sum() / 60:.1f} min "
               f"training + {pd.to_numeric(ok['analysis_seconds'], errors='coerce').sum() / 60:.1f}"
               f" min measurement over {len(used)} runs ({len(lr_rows)} learning-rate, "
