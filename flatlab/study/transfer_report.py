@@ -245,30 +245,40 @@ def edge_choices(table: pd.DataFrame) -> list[str]:
 
 def grid_falloff(table: pd.DataFrame) -> pd.DataFrame:
     """Per swept (setting, optimizer): validation accuracy at the chosen value and at both ends
-    of the grid, and whether both ends are lower by more than one validation example. The
-    size of one example is read off the accuracies: means of 2 seeds move in steps of
-    1 / (2 n_val), the smallest gap between a setting's distinct values."""
+    of the grid, and whether both ends are lower by more than one validation example. Means
+    of ``s`` seeds (column ``seeds``, default 2) move in steps of 1 / (s n_val): the step is
+    the smallest gap between a setting's distinct accuracies (gaps under 1e-6 are rounding),
+    each drop is counted in whole steps, and one example is ``s`` steps."""
     rows = []
-    gaps = {setting: np.diff(np.unique(np.round(group["val_acc"].to_numpy(float), 6)))
-            for setting, group in table.groupby("setting", sort=False)}
+    steps = {}
+    for setting, group in table.groupby("setting", sort=False):
+        gaps = np.diff(np.sort(group["val_acc"].to_numpy(float)))
+        steps[setting] = float(gaps[gaps > 1e-6].min()) if (gaps > 1e-6).any() else None
     for (setting, name), group in table.groupby(["setting", "optimizer"], sort=False):
         group = group.sort_values("hyper_value")
         chosen = group[group["chosen"].astype(bool)]
         if len(group) < 3 or chosen.empty or name == "sgd":
             continue
         acc = group["val_acc"].to_numpy(float)
-        one = 2 * float(gaps[setting].min()) if len(gaps[setting]) else 0.0  # 1 / n_val
         best = float(chosen["val_acc"].iloc[0])
         low, high = best - acc[0], best - acc[-1]
+        seeds = int(group["seeds"].max()) if "seeds" in group else 2
+        step = steps[setting]
+
+        def more_than_one_example(drop: float, step: float | None = step, seeds: int = seeds
+                                  ) -> bool:
+            return step is not None and round(drop / step) > seeds
+
+        fall = (more_than_one_example(low), more_than_one_example(high))
         rows.append({"setting": setting, "sweep": name,
                      "chosen": f"{chosen['hyperparameter'].iloc[0]}="
                                f"{chosen['hyper_value'].iloc[0]:g}",
                      "val acc (%)": f"{100 * best:.2f}",
                      "lowest value: drop (pts)": f"{100 * low:.2f}",
                      "highest value: drop (pts)": f"{100 * high:.2f}",
-                     "falls off": "both sides" if min(low, high) > one + 1e-6 else
-                     ("low side only" if low > one + 1e-6 else
-                      "high side only" if high > one + 1e-6 else "neither")})
+                     "falls off": {(True, True): "both sides", (True, False): "low side only",
+                                   (False, True): "high side only",
+                                   (False, False): "neither"}[fall]})
     return pd.DataFrame(rows)
 
 
