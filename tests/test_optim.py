@@ -95,6 +95,7 @@ METHODS = {
     "nso": lambda p, **kw: NSO(p, sigma=0.05, num_perturbs=2, **kw),
     "nso_one_sided_clean": lambda p, **kw: NSO(p, sigma=0.05, two_sided=False, clean_weight=0.3,
                                                noise="filter", **kw),
+    "nso_clean_pass": lambda p, **kw: NSO(p, sigma=0.05, clean_pass=True, **kw),
     "sam": lambda p, **kw: SAM(p, rho=0.05, **kw),
     "asam": lambda p, **kw: ASAM(p, **kw),
     "rwp": lambda p, **kw: RWP(p, sigma=0.05, **kw),
@@ -166,6 +167,7 @@ def test_lr_zero_leaves_weights_bit_identical(method):
     model = mlp(dtype=torch.float32)
     before = params_of(model)
     big = {"nso": {"sigma": 5.0}, "rwp": {"sigma": 5.0}, "nso_one_sided_clean": {"sigma": 5.0},
+           "nso_clean_pass": {"sigma": 5.0},
            "sam": {"rho": 5.0}, "asam": {"rho": 50.0}}[method]
     opt = METHODS[method](model.parameters(), lr=0.0, momentum=0.9, weight_decay=0.1)
     for group in opt.param_groups:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -205,6 +206,15 @@ def _test_columns(prefix: str, diff: Difference) -> dict:
             f"{prefix}ci_high": diff.ci_high}
 
 
+def _best_index(means: pd.Series, higher: bool) -> Any:
+    """Index of the best mean; means within a relative 1e-6 of it tie, and a tie goes to the
+    first in plan order, however the means were summed and whether the runs' values were read
+    back from results.csv (8 significant digits)."""
+    best = means.max() if higher else means.min()
+    tied = means[(means - best).abs() <= 1e-6 * max(abs(best), 1e-12)]
+    return tied.index[0]
+
+
 def compare(summary: pd.DataFrame, rows: pd.DataFrame,
             quantities: Sequence[str] = QUANTITIES) -> pd.DataFrame:
     """NSO variants against the best baseline (by mean; see :data:`HIGHER_IS_BETTER`) and
@@ -224,11 +234,8 @@ def compare(summary: pd.DataFrame, rows: pd.DataFrame,
             sam = baselines[baselines["optimizer"] == "sam"]
             for _, nso in nsos.iterrows():
                 for q in quantities:
-                    # 6 significant digits: a tie (two baselines with the same test
-                    # accuracy) goes to the first in plan order, however the means were summed
-                    # and whether the runs' values were read back from results.csv (8 digits)
-                    means = baselines[f"{q}_mean"].map(lambda v: float(f"{v:.6g}"))
-                    best = baselines.loc[means.idxmax() if HIGHER_IS_BETTER[q] else means.idxmin()]
+                    best = baselines.loc[_best_index(baselines[f"{q}_mean"],
+                                                     HIGHER_IS_BETTER[q])]
                     ours = _per_seed(final, setting, nso["variant"], q)
                     row = {"setting": setting, "budget": budget, "nso": nso["variant"],
                            "quantity": q, "nso_mean": nso[f"{q}_mean"],

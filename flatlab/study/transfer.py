@@ -18,12 +18,6 @@ its weights minus the head become ``backbone.safetensors``, and every fine-tunin
 from it (``--init-from`` + ``--init-partial``: a new, seed-initialised head; see
 :mod:`flatlab.study.transfer_measure`).
 
-
-Pretraining (:data:`SOURCES`): one source model per setting, plain Adam, cosine schedule;
-its weights minus the head become ``backbone.safetensors``, and every fine-tuning run starts
-from it (``--init-from`` + ``--init-partial``: a new, seed-initialised head; see
-:mod:`flatlab.study.transfer_measure`).
-
 Protocol (the paper's official code): base Adam with ``amsgrad=True``, weight decay 0, batch
 32, E = 30 epochs, StepLR(10, 0.1) (stretched with the run: 2E -> every 20 epochs),
 ``--keep best`` (best validation accuracy; ties lower loss). The learning rate is chosen once
@@ -269,6 +263,7 @@ def run_transfer(study: StudyConfig, out: Path, runs_dir: Path, *, jobs: int = 1
         sources[name] = dict(result, run=config.out, epochs=config.epochs)
         say(f"pretrained {name}: source test acc {100 * result['test_acc']:.2f}% "
             f"({result['status']})")
+    sources = {s.name: sources[s.name] for s in study.settings if s.name in sources}  # plan order
     backbones = {name: s["backbone"] for name, s in sources.items()}
     settings = tuple(s for s in study.settings if s.name in sources)
 

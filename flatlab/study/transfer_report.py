@@ -320,7 +320,7 @@ def _setup(page: Page, result: dict) -> None:
             "Arms: Adam at E and 2E (same gradient evaluations as SAM), SAM, ASAM, RWP "
             "(filter noise, clean weight 0.5; 2 passes per step), NSO (absolute noise), NSO "
             "with filter noise (3 passes per step with the pass at W) at E and at 2E/3 (SAM's "
-            "passes), NSO k=2 (5 passes) at E and at 12 epochs (SAM's passes); the StepLR "
+            "passes), NSO k=2 (5 passes) at E and at 2E/5 (SAM's passes); the StepLR "
             "period stretches with the run (round(10 x epochs / E)). NSO k=2 uses NSO k=1's σ.",
             "Head: every fine-tuning run starts from the source model's weights without its "
             "head (the last linear layer), which keeps the fresh initialisation of the run's "

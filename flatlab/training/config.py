@@ -84,7 +84,8 @@ class TrainConfig(DeclaredConfig):
                                         high=1.0, record="changed")
     clean_pass: bool = option(
         False, "NSO: a pass at W every step even with clean weight 0 (its gradient unused): "
-        "BatchNorm running statistics come from W, as the paper's code; one more pass per step",
+        "BatchNorm running statistics come from W, as the paper's code, and the logged train "
+        "loss is the loss at W; one more pass per step",
         record="changed", only_with=("optimizer", ("nso",)))
     independent_noise: bool = option(
         False, "NSO/RWP under torchrun: a different noise draw on every process (default: the "
