@@ -138,3 +138,18 @@ def test_an_arm_with_its_own_sweep_takes_its_own_choice(tmp_path, fake_execute):
     best = swept.sort_values(["test_acc", "test_loss"], ascending=[False, True]).iloc[0]
     assert chosen[arm.label] == f"sigma={best['hyper_value']:g} (filter)"
     assert chosen["nso k=1"].endswith("(absolute)")
+
+
+def test_runs_start_longest_first_and_rows_keep_the_plan(tmp_path, fake_execute):
+    study = tiny_study()
+    runs = plan.final_runs(study, {})  # sgd 1 pass, sam and nso 2, at E and matched epochs
+    rows = runner.run_all(runs, tmp_path / "out", tmp_path / "runs", say=lambda _: None)
+    cost = {run.key: run.variant.epochs * run.variant.passes for run in runs}
+    started = [cost[key] for key in fake_execute]
+    assert started == sorted(started, reverse=True) and len(set(started)) > 1
+    # equal costs keep their plan order (a stable sort), and the report reads rows in plan order
+    plan_order = [run.key for run in runs]
+    for c in set(started):
+        same = [key for key in fake_execute if cost[key] == c]
+        assert same == [key for key in plan_order if cost[key] == c]
+    assert runner.planned_rows(rows, runs)["key"].tolist() == plan_order
