@@ -201,8 +201,7 @@ class RunSpec:
                    "budgets": self.variant.budgets,
                    "config": key_config(self.config),
                    "analysis": self.analysis}
-        text = json.dumps(payload, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return digest(payload)[:16]
 
     @property
     def run_name(self) -> str:
@@ -211,6 +210,11 @@ class RunSpec:
         slug = self.variant.name.replace(" ", "").replace("=", "").replace("/", "over")
         slug = slug.replace("(", "-").replace(")", "")
         return f"{self.setting.name}/{self.phase}/{slug}{hyper}-seed{self.seed}-{self.key[:8]}"
+
+
+def digest(payload: object) -> str:
+    """SHA-256 (hex) of ``payload`` as sorted JSON: the hash behind run keys and names."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def key_config(config: dict) -> dict:

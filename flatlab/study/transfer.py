@@ -356,10 +356,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     elif args.quick:
         settings = SETTINGS[:1]
     if args.quick:  # E = 15: the matched budgets of 3 and 5 passes per step are whole epochs
-        settings = tuple(replace(s, epochs=15, dataset_kwargs={**s.dataset_kwargs,
-                                                               "train_size": 150})
-                         if "train_size" in s.dataset_kwargs else replace(s, epochs=15)
-                         for s in settings)
+        settings = tuple(replace(s, epochs=15, dataset_kwargs={
+            **s.dataset_kwargs, **({"train_size": 150} if "train_size" in s.dataset_kwargs
+                                   else {})}) for s in settings)
     methods = METHODS
     if args.arms:
         known = {m.label: m for m in METHODS}

@@ -40,8 +40,6 @@ trained on, at most ``samples``), loss = mean cross-entropy:
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -62,7 +60,7 @@ from flatlab.hessian import (
     top_eigenvalues,
     trace,
 )
-from flatlab.study.plan import Setting, key_config
+from flatlab.study.plan import Setting, digest, key_config
 from flatlab.study.runner import train_or_resume
 from flatlab.train import TrainConfig
 
@@ -194,7 +192,6 @@ PRETRAIN = {"optimizer": "sgd", "base_optimizer": "adam", "lr": 1e-3, "weight_de
             "batch_size": 64, "schedule": "cosine", "seed": 0, "device": "cpu"}
 
 
-
 def pretrain_config(setting: Setting, runs_dir: Path, *, epochs: int | None = None
                     ) -> TrainConfig:
     """The source model's run: the setting's data set and model on the source classes."""
@@ -202,8 +199,7 @@ def pretrain_config(setting: Setting, runs_dir: Path, *, epochs: int | None = No
     fields = dict(PRETRAIN, dataset=setting.dataset, dataset_kwargs=source["dataset_kwargs"],
                   model=setting.model, model_kwargs=dict(setting.model_kwargs),
                   epochs=epochs or source["epochs"])
-    key = hashlib.sha256(json.dumps(key_config(fields), sort_keys=True,
-                                    default=str).encode()).hexdigest()[:8]
+    key = digest(key_config(fields))[:8]
     return TrainConfig(**fields, out=str(runs_dir / setting.name / f"pretrain-{key}")).validate()
 
 

@@ -264,12 +264,7 @@ def grid_falloff(table: pd.DataFrame) -> pd.DataFrame:
         low, high = best - acc[0], best - acc[-1]
         seeds = int(group["seeds"].max()) if "seeds" in group else 2
         step = steps[setting]
-
-        def more_than_one_example(drop: float, step: float | None = step, seeds: int = seeds
-                                  ) -> bool:
-            return step is not None and round(drop / step) > seeds
-
-        fall = (more_than_one_example(low), more_than_one_example(high))
+        fall = tuple(step is not None and round(drop / step) > seeds for drop in (low, high))
         rows.append({"setting": setting, "sweep": name,
                      "chosen": f"{chosen['hyperparameter'].iloc[0]}="
                                f"{chosen['hyper_value'].iloc[0]:g}",
